@@ -1,0 +1,83 @@
+"""gin at the edge: registers the plain config dataclasses and parses gin files into them.
+
+Jitted code and data workers never read gin; they receive the resolved dataclasses.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+
+import gin
+
+from flamingo_jax.models.flamingo import FlamingoConfig
+from flamingo_jax.models.llama import LlamaConfig
+from flamingo_jax.models.nfnet import NFNetConfig
+from flamingo_jax.models.resampler import ResamplerConfig
+from flamingo_jax.models.vit import ViTConfig
+from flamingo_jax.models.xattn import XAttnConfig
+
+EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+
+_CONFIG_CLASSES = (FlamingoConfig, LlamaConfig, NFNetConfig, ResamplerConfig, ViTConfig, XAttnConfig)
+CONFIGURABLES = {cls.__name__: gin.external_configurable(cls, module="flamingo_jax") for cls in _CONFIG_CLASSES}
+
+
+class _QuietSearchPathMisses(logging.Filter):
+    """gin logs an ERROR for every search-path prefix that misses before one hits; hide those."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Path not found:")
+
+
+logging.getLogger().addFilter(_QuietSearchPathMisses())
+
+
+def resolve_gin_file(path: str) -> str:
+    """``path`` as given if it exists, else under ``experiments/``; raises naming both."""
+    if os.path.exists(path):
+        return path
+    candidate = os.path.join(EXPERIMENTS_DIR, path)
+    if os.path.exists(candidate):
+        return candidate
+    raise FileNotFoundError(f"gin file {path!r} not found (also looked in {EXPERIMENTS_DIR})")
+
+
+def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
+    """Turns t5x-style ``--gin.KEY=VALUE`` flags into ``--gin_bindings=KEY = VALUE`` for absl.
+
+    Use as ``app.run(main, flags_parser=...)`` or on ``sys.argv`` before parsing flags.
+    """
+    rewritten = []
+    for arg in argv:
+        if arg.startswith("--gin.") and "=" in arg:
+            key, value = arg[len("--gin.") :].split("=", 1)
+            rewritten.append(f"--gin_bindings={key} = {value}")
+        else:
+            rewritten.append(arg)
+    return rewritten
+
+
+def parse_gin(gin_files: Sequence[str], bindings: Sequence[str] = (), *, finalize: bool = True) -> None:
+    """Clears gin and parses ``gin_files`` (relative paths are searched in ``experiments/`` too)
+    followed by ``bindings``. Unknown bindings or missing files raise with gin's message."""
+    gin.clear_config()
+    if EXPERIMENTS_DIR not in gin.config._LOCATION_PREFIXES:  # noqa: SLF001 (no public getter)
+        gin.add_config_file_search_path(EXPERIMENTS_DIR)
+    files = [resolve_gin_file(path) for path in gin_files]
+    gin.parse_config_files_and_bindings(files, list(bindings), finalize_config=finalize)
+
+
+def flamingo_config() -> FlamingoConfig:
+    """The FlamingoConfig the current gin bindings describe."""
+    return CONFIGURABLES["FlamingoConfig"]()
+
+
+def load_model_config(gin_file: str, bindings: Sequence[str] = ()) -> FlamingoConfig:
+    """Parses one model gin file (e.g. ``models/flamingo_3b.gin``) into a FlamingoConfig."""
+    parse_gin([gin_file], bindings, finalize=False)
+    try:
+        return flamingo_config()
+    finally:
+        gin.clear_config()

@@ -1,0 +1,231 @@
+"""The Flamingo model: frozen vision encoder -> Perceiver Resampler -> frozen LM with GATED
+XATTN-DENSE blocks inserted, plus trainable embedding rows for ``<image>`` and ``<|endofchunk|>``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flamingo_jax.models.llama import KVCache, LlamaConfig, LlamaLM
+from flamingo_jax.models.nfnet import NFNet, NFNetConfig
+from flamingo_jax.models.resampler import PerceiverResampler, ResamplerConfig
+from flamingo_jax.models.vit import ViT, ViTConfig
+from flamingo_jax.models.xattn import GatedCrossAttentionBlock, XAttnConfig, media_attention_mask
+
+VisionConfig = ViTConfig | NFNetConfig
+
+# Top-level module names that hold trainable parameters; everything else is frozen.
+TRAINABLE_GROUPS = ("resampler", "xattn_layers", "new_tokens")
+NEW_TOKENS = ("<image>", "<|endofchunk|>")
+
+
+@dataclasses.dataclass(frozen=True)
+class FlamingoConfig:
+    """A whole Flamingo model. Token ids ``lm.vocab_size`` and ``lm.vocab_size + 1`` are
+    ``<image>`` and ``<|endofchunk|>``; logits cover ``lm.vocab_size + 2`` entries.
+
+    ``trainable`` lists the top-level groups that train (default: resampler, xattn blocks and the
+    new-token rows, as in the paper); adding 'lm' or 'vision' unfreezes those for ablations.
+    ``trainable_param_dtype`` is the storage dtype of the trainable groups (fp32 by default).
+    """
+
+    lm: LlamaConfig = LlamaConfig()
+    vision: VisionConfig = ViTConfig()
+    resampler: ResamplerConfig = ResamplerConfig()
+    xattn: XAttnConfig = XAttnConfig()
+    trainable: tuple[str, ...] = TRAINABLE_GROUPS
+    trainable_param_dtype: str = "float32"
+
+    def __post_init__(self):
+        unknown = set(self.trainable) - set(TRAINABLE_GROUPS) - {"lm", "vision"}
+        if unknown:
+            raise ValueError(
+                f"FlamingoConfig.trainable has unknown groups {sorted(unknown)}; "
+                f"choose from {list(TRAINABLE_GROUPS) + ['lm', 'vision']}"
+            )
+
+    @property
+    def media_token_id(self) -> int:
+        return self.lm.vocab_size
+
+    @property
+    def endofchunk_token_id(self) -> int:
+        return self.lm.vocab_size + 1
+
+    @property
+    def total_vocab_size(self) -> int:
+        return self.lm.vocab_size + len(NEW_TOKENS)
+
+    @property
+    def xattn_layer_indices(self) -> tuple[int, ...]:
+        return self.xattn.layer_indices(self.lm.num_layers)
+
+
+def build_vision_encoder(config: VisionConfig, *, rngs: nnx.Rngs) -> nnx.Module:
+    """Any module mapping float[B, H, W, C] to float[B, tokens, config.output_dim] fits here."""
+    if isinstance(config, ViTConfig):
+        return ViT(config, rngs=rngs)
+    if isinstance(config, NFNetConfig):
+        return NFNet(config, rngs=rngs)
+    raise TypeError(f"unsupported vision config type {type(config).__name__}")
+
+
+class NewTokens(nnx.Module):
+    """Trainable input embeddings and output logits rows for the tokens added to the LM vocab."""
+
+    def __init__(self, width: int, *, tied: bool, param_dtype: str, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(0.02)
+        self.embed = nnx.Param(init(rngs.params(), (len(NEW_TOKENS), width), param_dtype), out_sharding=(None, "embed"))
+        self.head = (
+            None
+            if tied
+            else nnx.Param(init(rngs.params(), (width, len(NEW_TOKENS)), param_dtype), out_sharding=("embed", None))
+        )
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        kernel = self.embed[...].T if self.head is None else self.head[...]
+        return jnp.einsum("btw,wn->btn", hidden, kernel.astype(hidden.dtype), preferred_element_type=jnp.float32)
+
+
+class Flamingo(nnx.Module):
+    def __init__(self, config: FlamingoConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        trainable_dtype = config.trainable_param_dtype
+        self.vision = build_vision_encoder(config.vision, rngs=rngs)
+        self.resampler = PerceiverResampler(
+            dataclasses.replace(config.resampler, input_dim=config.vision.output_dim, param_dtype=trainable_dtype),
+            rngs=rngs,
+        )
+        self.lm = LlamaLM(config.lm, rngs=rngs)
+        self.xattn_layers = nnx.List(
+            [
+                GatedCrossAttentionBlock(
+                    config.xattn,
+                    config.lm.width,
+                    config.resampler.width,
+                    param_dtype=trainable_dtype,
+                    dtype=config.lm.dtype,
+                    rngs=rngs,
+                )
+                for _ in config.xattn_layer_indices
+            ]
+        )
+        self.new_tokens = NewTokens(
+            config.lm.width, tied=config.lm.tie_embeddings, param_dtype=trainable_dtype, rngs=rngs
+        )
+
+    def encode_media(self, images: jax.Array) -> jax.Array:
+        """float[B, N, F, H, W, C] -> visual tokens float[B, N, num_latents, resampler.width].
+
+        The vision encoder is frozen: no gradient flows into it (and XLA does no work for one).
+        """
+        batch, num_media, num_frames = images.shape[:3]
+        flat = images.reshape(batch * num_media * num_frames, *images.shape[3:])
+        features = self.vision(flat)
+        if "vision" not in self.config.trainable:
+            features = jax.lax.stop_gradient(features)
+        features = features.reshape(batch, num_media, num_frames, *features.shape[1:])
+        return self.resampler(features)
+
+    def media_kv(self, visual: jax.Array) -> tuple[tuple[jax.Array, jax.Array], ...]:
+        """Per xattn block (keys, values) of the visual tokens; cached once per prompt in decoding."""
+        return tuple(block.media_kv(visual) for block in self.xattn_layers)
+
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        """int32[B, T] with new-token ids >= lm.vocab_size -> float[B, T, W]."""
+        vocab = self.config.lm.vocab_size
+        base = self.lm.embed_tokens(jnp.clip(tokens, 0, vocab - 1))
+        new_rows = jnp.take(self.new_tokens.embed[...], jnp.clip(tokens - vocab, 0, len(NEW_TOKENS) - 1), axis=0)
+        return jnp.where((tokens >= vocab)[..., None], new_rows.astype(base.dtype), base)
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        image_index: jax.Array,
+        image_mask: jax.Array,
+        images: jax.Array | None = None,
+        *,
+        media_kv: tuple[tuple[jax.Array, jax.Array], ...] | None = None,
+        input_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Next-token logits conditioned on media.
+
+        Args:
+          tokens: int32[B, T].
+          image_index: int32[B, T], media slot each token attends to (-1: none).
+          image_mask: bool[B, N], real media slots; padded slots have no effect on any logit.
+          images: float[B, N, F, H, W, C], or None when ``media_kv`` (from :meth:`media_kv`) is given.
+          input_mask, positions, cache: as in :meth:`LlamaLM.backbone`.
+
+        Returns:
+          (float32[B, T, lm.vocab_size + 2] logits, updated KV cache or None).
+        """
+        if media_kv is None:
+            if images is None:
+                raise ValueError("Flamingo needs either images or precomputed media_kv")
+            media_kv = self.media_kv(self.encode_media(images))
+        mask = media_attention_mask(
+            image_index, image_mask, self.config.resampler.num_latents, self.config.xattn.attend
+        )
+        blocks = {layer: position for position, layer in enumerate(self.config.xattn_layer_indices)}
+
+        def before_layer(index, hidden):
+            if index not in blocks:
+                return hidden
+            position = blocks[index]
+            return self.xattn_layers[position](hidden, media_kv[position], mask)
+
+        hidden, cache = self.lm.backbone(
+            self.embed_tokens(tokens),
+            input_mask=input_mask,
+            positions=positions,
+            cache=cache,
+            before_layer=before_layer,
+        )
+        logits = jnp.concatenate([self.lm.logits(hidden), self.new_tokens.logits(hidden)], axis=-1)
+        return logits, cache
+
+
+def trainable_filter(config: FlamingoConfig):
+    """An nnx filter selecting the trainable parameters (the optimizer holds state for these only)."""
+    return nnx.All(nnx.Param, nnx.Any(*(nnx.PathContains(group) for group in config.trainable)))
+
+
+def create_flamingo(config: FlamingoConfig, seed: int = 0) -> Flamingo:
+    """Builds a model with logical-axis metadata recorded but not applied (sharding is applied by
+    ``flamingo_jax.sharding`` under a mesh)."""
+    with nnx.use_eager_sharding(False):
+        return Flamingo(config, rngs=nnx.Rngs(seed))
+
+
+class _ShapeOnlyRngs:
+    """Hands out one fixed key for every draw. Shapes do not depend on random values, and with
+    real ``nnx.Rngs`` tracing an 80B model's init takes ~1 min here: every traced RNG-counter
+    update makes flax probe ``tracer.sharding``, whose error message walks the whole jaxpr."""
+
+    def __init__(self):
+        self._key = jax.random.key(0)
+
+    def __getattr__(self, stream: str):
+        return lambda: self._key
+
+    def __call__(self):
+        return self._key
+
+
+def abstract_flamingo(config: FlamingoConfig) -> Flamingo:
+    """The model with ShapeDtypeStruct leaves: shapes and counts without allocating anything."""
+    with nnx.use_eager_sharding(False):
+        return nnx.eval_shape(lambda: Flamingo(config, rngs=_ShapeOnlyRngs()))
+
+
+def count_params(model: nnx.Module, flt=nnx.Param) -> int:
+    """Number of parameters (works on abstract models)."""
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(nnx.state(model, flt)))

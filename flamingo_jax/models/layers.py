@@ -1,0 +1,150 @@
+"""Building blocks shared by every model: annotated dense layers, norms, attention, RoPE.
+
+Every parameter carries logical axis names (``embed``, ``mlp``, ``heads``, ``kv_heads``,
+``vocab``, ...). ``flamingo_jax.sharding`` maps them to mesh axes; model code never names
+mesh axes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Dtype = jnp.dtype | type
+
+_DEFAULT_KERNEL_INIT = nnx.initializers.normal(stddev=0.02)
+
+
+def annotated(init, names: Sequence[str | None]):
+    """Wraps an initializer so the created parameter carries logical axis ``names``."""
+    return nnx.with_partitioning(init, tuple(names))
+
+
+class Dense(nnx.Module):
+    """``x @ kernel (+ bias)`` with logical names on the kernel: float[..., in] -> float[..., out]."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        names: tuple[str | None, str | None],
+        *,
+        use_bias: bool = False,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        kernel_init=_DEFAULT_KERNEL_INIT,
+        rngs: nnx.Rngs,
+    ):
+        self.linear = nnx.Linear(
+            in_features,
+            out_features,
+            use_bias=use_bias,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            kernel_init=annotated(kernel_init, names),
+            bias_init=annotated(nnx.initializers.zeros, (names[1],)),
+            rngs=rngs,
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.linear(x)
+
+
+class RMSNorm(nnx.Module):
+    """Llama RMSNorm, computed in fp32 and scaled after casting back (as Hugging Face does)."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-5, param_dtype: Dtype = jnp.float32):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return normed.astype(x.dtype) * self.scale[...].astype(x.dtype)
+
+
+def layer_norm(dim: int, *, eps: float = 1e-5, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    """A LayerNorm with bias (CLIP, the Perceiver Resampler, the xattn blocks), statistics in fp32."""
+    return nnx.LayerNorm(
+        dim,
+        epsilon=eps,
+        dtype=jnp.float32,
+        param_dtype=param_dtype,
+        scale_init=annotated(nnx.initializers.ones, ("norm",)),
+        bias_init=annotated(nnx.initializers.zeros, ("norm",)),
+        rngs=rngs,
+    )
+
+
+def apply_norm(norm: nnx.Module, x: jax.Array) -> jax.Array:
+    """Applies a norm in its own precision and returns the input dtype."""
+    return norm(x).astype(x.dtype)
+
+
+ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "squared_relu": lambda x: jnp.square(jax.nn.relu(x)),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+
+
+def activation(name: str):
+    """Looks up an activation by name; raises naming the valid choices."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def rope_frequencies(head_dim: int, theta: float) -> jax.Array:
+    """float32[head_dim // 2] inverse frequencies of rotary embeddings."""
+    return 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding in the Hugging Face (rotate-half) layout.
+
+    Args:
+      x: float[B, T, H, D].
+      positions: int32[B, T].
+    """
+    inv_freq = rope_frequencies(x.shape[-1], theta)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Softmax attention with grouped key/value heads, softmax in fp32.
+
+    Args:
+      query: float[B, T, H, D] (already scaled or not: the 1/sqrt(D) scale is applied here).
+      key, value: float[B, S, K, D] with H a multiple of K (grouped-query attention).
+      mask: bool broadcastable to [B, T, S]; True where a query may attend to a key. Rows with
+        no allowed key give an all-zero output rather than NaN.
+
+    Returns:
+      float[B, T, H, D] in the query dtype.
+    """
+    batch, length, num_heads, head_dim = query.shape
+    num_kv_heads = key.shape[2]
+    groups = num_heads // num_kv_heads
+    query = query.reshape(batch, length, num_kv_heads, groups, head_dim)
+    logits = jnp.einsum("btkgd,bskd->bkgts", query, key, preferred_element_type=jnp.float32)
+    logits = logits / jnp.sqrt(jnp.float32(head_dim))
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, (batch, length, key.shape[1]))[:, None, None]
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1)
+    if mask is not None:
+        weights = jnp.where(mask, weights, 0.0)
+    out = jnp.einsum("bkgts,bskd->btkgd", weights.astype(value.dtype), value)
+    return out.reshape(batch, length, num_heads, head_dim)

@@ -1,0 +1,121 @@
+"""GATED XATTN-DENSE (Flamingo Section 2.2, Figure 4).
+
+``y = y + tanh(alpha_xattn) * xattn(y, visual)`` then ``y = y + tanh(alpha_dense) * ffw(y)``, with
+both alphas initialised to 0 so that at initialisation the model is exactly the frozen LM.
+Conditioning (which image each token sees) is an explicit argument, never layer state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from flamingo_jax.models import layers
+from flamingo_jax.models.resampler import FeedForward
+
+PLACEMENTS = ("paper", "openflamingo")
+ATTEND_MODES = ("last", "all_previous")
+
+
+@dataclasses.dataclass(frozen=True)
+class XAttnConfig:
+    """Cross-attention block shape and placement.
+
+    Attributes:
+      every: insert a block before every ``every``-th LM layer (3B: 1, 9B: 4, 80B: 7).
+      placement: 'paper' inserts before layers i with ``i % every == 0`` (from the first layer);
+        'openflamingo' before layers with ``(i + 1) % every == 0``.
+      num_heads, head_dim: attention shape; ``head_dim=None`` means LM width / num_heads (paper),
+        OpenFlamingo uses 8 x 64.
+      attend: 'last' (each token sees only the last preceding image, the paper's default) or
+        'all_previous'.
+    """
+
+    every: int = 1
+    placement: str = "paper"
+    num_heads: int = 16
+    head_dim: int | None = None
+    ffw_mult: int = 4
+    activation: str = "squared_relu"
+    attend: str = "last"
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.every < 1:
+            raise ValueError(f"XAttnConfig.every must be >= 1, got {self.every}")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"XAttnConfig.placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        if self.attend not in ATTEND_MODES:
+            raise ValueError(f"XAttnConfig.attend must be one of {ATTEND_MODES}, got {self.attend!r}")
+        layers.activation(self.activation)
+
+    def layer_indices(self, num_lm_layers: int) -> tuple[int, ...]:
+        """LM layer indices that get a cross-attention block inserted before them."""
+        offset = 0 if self.placement == "paper" else 1
+        return tuple(i for i in range(num_lm_layers) if (i + offset) % self.every == 0)
+
+
+def media_attention_mask(image_index: jax.Array, image_mask: jax.Array, num_latents: int, attend: str) -> jax.Array:
+    """bool[B, T, N * num_latents]: which visual tokens each text token may attend to.
+
+    Args:
+      image_index: int32[B, T], media slot of the last image before each token, -1 for none.
+      image_mask: bool[B, N], real media slots.
+    """
+    slots = jnp.arange(image_mask.shape[1])
+    index = image_index[:, :, None]
+    if attend == "last":
+        allowed = index == slots
+    else:
+        allowed = (slots <= index) & (index >= 0)
+    allowed = allowed & image_mask[:, None, :]
+    return jnp.repeat(allowed, num_latents, axis=2)
+
+
+class GatedCrossAttentionBlock(nnx.Module):
+    def __init__(
+        self, config: XAttnConfig, lm_width: int, media_width: int, *, param_dtype: str, dtype: str, rngs: nnx.Rngs
+    ):
+        self.config = config
+        self.head_dim = config.head_dim or lm_width // config.num_heads
+        inner = config.num_heads * self.head_dim
+        dense = lambda i, o, names: layers.Dense(i, o, names, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+        self.norm = layers.layer_norm(lm_width, eps=config.norm_eps, param_dtype=param_dtype, rngs=rngs)
+        self.to_q = dense(lm_width, inner, ("embed", "heads"))
+        self.to_k = dense(media_width, inner, ("media_embed", "heads"))
+        self.to_v = dense(media_width, inner, ("media_embed", "heads"))
+        self.to_out = dense(inner, lm_width, ("heads", "embed"))
+        self.attn_gate = nnx.Param(jnp.zeros((), jnp.float32), out_sharding=())
+        self.ffw = FeedForward(
+            lm_width,
+            config.ffw_mult,
+            config.activation,
+            norm_eps=config.norm_eps,
+            param_dtype=param_dtype,
+            dtype=dtype,
+            rngs=rngs,
+        )
+        self.ffw_gate = nnx.Param(jnp.zeros((), jnp.float32), out_sharding=())
+
+    def media_kv(self, visual: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """float[B, N, L, media_width] -> keys, values float[B, N * L, heads, head_dim].
+
+        Computed once per prompt when decoding (the visual tokens do not change).
+        """
+        flat = visual.reshape(visual.shape[0], -1, visual.shape[-1])
+        split = lambda t: t.reshape(t.shape[0], t.shape[1], self.config.num_heads, self.head_dim)
+        return split(self.to_k(flat)), split(self.to_v(flat))
+
+    def __call__(self, x: jax.Array, media_kv: tuple[jax.Array, jax.Array], mask: jax.Array) -> jax.Array:
+        """x: float[B, T, W]; mask: bool[B, T, N * L] from :func:`media_attention_mask`."""
+        batch, length, _ = x.shape
+        query = self.to_q(layers.apply_norm(self.norm, x)).reshape(batch, length, self.config.num_heads, self.head_dim)
+        # Rows of a token with no visible image have no allowed key: dot_product_attention returns
+        # exact zeros for them, so tokens before the first image get zero cross-attention output.
+        attended = layers.dot_product_attention(query, media_kv[0], media_kv[1], mask)
+        attended = self.to_out(attended.reshape(batch, length, -1))
+        x = x + jnp.tanh(self.attn_gate[...]).astype(x.dtype) * attended
+        return x + jnp.tanh(self.ffw_gate[...]).astype(x.dtype) * self.ffw(x)

@@ -1,0 +1,28 @@
+"""flamingo_jax: Flamingo-style vision-language models in JAX / Flax NNX."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="flamingo_jax",
+    version="0.1.0",
+    description="Flamingo vision-language models in JAX/Flax NNX, sharded over TPU meshes",
+    packages=find_packages(include=["flamingo_jax", "flamingo_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10.2",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "grain>=0.2.18",
+        "tensorflow-datasets>=4.9.10",
+        "array-record>=0.8.6",
+        "sentencepiece>=0.2.0",
+        "gin-config>=0.5.0",
+        "numpy",
+        "pillow",
+        "absl-py",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist", "ruff"],
+    },
+)

@@ -1,0 +1,56 @@
+"""Shared fixtures: the tiny model config and batches that follow the batch contract."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from flamingo_jax import configs
+from flamingo_jax.batch import Batch
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    return configs.load_model_config("models/tiny.gin")
+
+
+def set_gates(model, value: float) -> None:
+    """Sets every tanh-gate alpha of the model's xattn blocks to ``value``."""
+    for block in model.xattn_layers:
+        block.attn_gate[...] = np.float32(value)
+        block.ffw_gate[...] = np.float32(value)
+
+
+def make_batch(config, *, batch_size=2, length=12, num_media=3, num_frames=1, seed=0) -> Batch:
+    """A random batch: images at positions 2, 6 and 9 of each row (fewer for the second row,
+    whose last media slot is padding)."""
+    rng = np.random.default_rng(seed)
+    vision = config.vision
+    tokens = rng.integers(0, config.lm.vocab_size, (batch_size, length)).astype(np.int32)
+    image_index = np.full((batch_size, length), -1, np.int32)
+    image_mask = np.ones((batch_size, num_media), bool)
+    for row in range(batch_size):
+        starts = [2, 6, 9][:num_media]
+        if row % 2 == 1 and num_media > 1:
+            starts = starts[:-1]
+            image_mask[row, num_media - 1] = False
+        for slot, start in enumerate(starts):
+            tokens[row, start] = config.media_token_id
+            image_index[row, start:] = slot
+    images = rng.normal(size=(batch_size, num_media, num_frames, vision.image_size, vision.image_size, vision.channels))
+    loss_mask = (image_index >= 0).astype(np.float32)
+    return Batch(tokens, images.astype(np.float32), image_mask, image_index, loss_mask)
+
+
+def jit_forward(model):
+    """A jitted ``(state, tokens, image_index, image_mask, images) -> logits`` for ``model``."""
+    import jax
+
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def forward(state, tokens, image_index, image_mask, images):
+        return nnx.merge(graphdef, state)(tokens, image_index, image_mask, images)[0]
+
+    return lambda *args: forward(state, *args)
