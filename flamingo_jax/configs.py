@@ -5,22 +5,39 @@ Jitted code and data workers never read gin; they receive the resolved dataclass
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
 
 import gin
 
+from flamingo_jax.data.mixture import DatasetConfig
+from flamingo_jax.data.synthetic import SyntheticConfig
 from flamingo_jax.models.flamingo import FlamingoConfig
 from flamingo_jax.models.llama import LlamaConfig
 from flamingo_jax.models.nfnet import NFNetConfig
 from flamingo_jax.models.resampler import ResamplerConfig
 from flamingo_jax.models.vit import ViTConfig
 from flamingo_jax.models.xattn import XAttnConfig
+from flamingo_jax.sharding import MeshConfig
+from flamingo_jax.train import OptimizerConfig, RunConfig
 
 EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
 
-_CONFIG_CLASSES = (FlamingoConfig, LlamaConfig, NFNetConfig, ResamplerConfig, ViTConfig, XAttnConfig)
+_CONFIG_CLASSES = (
+    FlamingoConfig,
+    LlamaConfig,
+    NFNetConfig,
+    ResamplerConfig,
+    ViTConfig,
+    XAttnConfig,
+    MeshConfig,
+    OptimizerConfig,
+    RunConfig,
+    DatasetConfig,
+    SyntheticConfig,
+)
 CONFIGURABLES = {cls.__name__: gin.external_configurable(cls, module="flamingo_jax") for cls in _CONFIG_CLASSES}
 
 
@@ -72,6 +89,19 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str] = (), *, finaliz
 def flamingo_config() -> FlamingoConfig:
     """The FlamingoConfig the current gin bindings describe."""
     return CONFIGURABLES["FlamingoConfig"]()
+
+
+def run_config() -> RunConfig:
+    """The RunConfig the current gin bindings describe (lists become tuples: configs are hashable)."""
+    config = CONFIGURABLES["RunConfig"]()
+    return dataclasses.replace(config, datasets=tuple(config.datasets))
+
+
+def operative_config(gin_files: Sequence[str], bindings: Sequence[str]) -> str:
+    """The text written to ``workdir/config.gin``: the files and bindings used, then every
+    binding gin applied."""
+    header = [f"# gin_file: {path}" for path in gin_files] + [f"# binding: {b}" for b in bindings]
+    return "\n".join(header) + "\n\n" + gin.operative_config_str()
 
 
 def load_model_config(gin_file: str, bindings: Sequence[str] = ()) -> FlamingoConfig:

@@ -20,6 +20,7 @@ from flamingo_jax.models.flamingo import (
     trainable_filter,
 )
 from flamingo_jax.models.llama import KVCache
+from flamingo_jax.models.nfnet import NFNetConfig
 from flamingo_jax.models.xattn import XAttnConfig, media_attention_mask
 
 from conftest import jit_forward, make_batch, set_gates
@@ -237,3 +238,16 @@ def test_openflamingo_placement_and_all_previous_switches():
 def test_unknown_trainable_group_is_rejected(tiny_config):
     with pytest.raises(ValueError, match="unknown groups"):
         FlamingoConfig(lm=tiny_config.lm, trainable=("resampler", "lm_head"))
+
+
+def test_every_parameter_has_logical_axis_names(tiny_config):
+    model = create_flamingo(
+        dataclasses.replace(tiny_config, vision=NFNetConfig(variant="F0", image_size=32, group_size=16))
+    )
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    assert len(flat) > 50
+    for path, variable in flat:
+        names = variable.get_metadata().get("out_sharding")
+        assert names is not None, path
+        assert len(names) == np.ndim(variable[...]), (path, names)
+        assert all(name is None or isinstance(name, str) for name in names), (path, names)

@@ -13,7 +13,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flamingo_jax import sharding
 from flamingo_jax.models import layers
+
+_ACT = ("act_batch", "act_len", "act_embed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,15 +228,17 @@ class LlamaLM(nnx.Module):
             positions = jnp.maximum(positions, 0)
         query_slots = start + jnp.arange(length, dtype=jnp.int32)
 
+        hidden = sharding.constrain(hidden, _ACT)
         new_keys, new_values = [], []
         for index, layer in enumerate(self.layers):
             if before_layer is not None:
                 hidden = before_layer(index, hidden)
             if cache is None and self.config.remat:
-                hidden = _run_layer_remat(layer, hidden, positions, key_valid, query_slots)
+                hidden = sharding.constrain(_run_layer_remat(layer, hidden, positions, key_valid, query_slots), _ACT)
                 continue
             layer_cache = None if cache is None else (cache.keys[index], cache.values[index])
             hidden, (keys, values) = layer(hidden, positions, key_valid, query_slots, layer_cache, start)
+            hidden = sharding.constrain(hidden, _ACT)
             new_keys.append(keys)
             new_values.append(values)
         hidden = self.final_norm(hidden)

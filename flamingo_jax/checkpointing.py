@@ -1,0 +1,121 @@
+"""Orbax checkpoints of the whole run state: trainable parameters, optimizer state, step and the
+data-iterator position; plus plain parameter checkpoints for ``init_from``.
+
+Saves are asynchronous and atomic (orbax writes into a temporary directory and renames it when
+complete, so a save killed half-way is never restored). The frozen weights are not saved with
+every step: they are rebuilt bit-identically from the seed or from ``init_from``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+log = logging.getLogger(__name__)
+
+
+class Checkpointer:
+    """Keeps the last ``keep`` checkpoints of a run in ``directory``."""
+
+    def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, data_iterator) -> None:
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)
+        )
+        self.manager.save(step, args=args, force=True)
+
+    def restore(self, step: int, abstract_state, data_iterator):
+        """Restores onto the shardings held by ``abstract_state`` (ShapeDtypeStruct leaves), which
+        may describe another mesh than the one that saved."""
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iterator)
+        )
+        return self.manager.restore(step, args=args)["state"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def save_params(directory: str, params: dict[str, jax.Array]) -> None:
+    """Writes a flat {path: array} parameter dict (e.g. converted pretrained weights)."""
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(os.path.abspath(directory), params, force=True)
+
+
+def load_params(directory: str, shardings: dict[str, jax.sharding.Sharding], shapes: dict[str, jax.ShapeDtypeStruct]):
+    """Loads the entries of a parameter checkpoint that the model has, onto ``shardings``.
+
+    Returns {path: array} for the keys present in both; raises naming the first key whose shape
+    differs.
+    """
+    directory = os.path.abspath(directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"init_from: no checkpoint directory at {directory}")
+    with ocp.StandardCheckpointer() as checkpointer:
+        metadata = checkpointer.metadata(directory)
+        tree = metadata.item_metadata if hasattr(metadata, "item_metadata") else metadata
+        stored = dict(tree.tree if hasattr(tree, "tree") else tree)
+        wanted = {}
+        for key, meta in stored.items():
+            if key not in shapes:
+                continue
+            if tuple(meta.shape) != tuple(shapes[key].shape):
+                raise ValueError(
+                    f"init_from {directory}: {key} has shape {tuple(meta.shape)}, the model expects {shapes[key].shape}"
+                )
+            wanted[key] = jax.ShapeDtypeStruct(shapes[key].shape, shapes[key].dtype, sharding=shardings[key])
+        if not wanted:
+            raise ValueError(f"init_from {directory}: none of its {len(stored)} entries matches a model parameter")
+        target = {key: wanted.get(key, ocp.PLACEHOLDER) for key in stored}
+        restored = checkpointer.restore(directory, target)
+    return {key: value for key, value in restored.items() if key in wanted}
+
+
+class PreemptionWatcher:
+    """Turns SIGTERM into a flag the train loop checks between steps (save, then stop).
+
+    With several processes the flag is OR-ed across them, so every process saves the same step.
+    """
+
+    def __init__(self):
+        self._event = threading.Event()
+        self._previous = None
+
+    def install(self) -> PreemptionWatcher:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        log.warning("SIGTERM received: saving a checkpoint after this step and stopping")
+        self._event.set()
+
+    def should_stop(self) -> bool:
+        flag = self._event.is_set()
+        if jax.process_count() > 1:
+            flag = bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).any())
+        return flag
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None

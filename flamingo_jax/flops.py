@@ -1,0 +1,161 @@
+"""Analytic FLOPs of a Flamingo train step and peak FLOP/s by device, for MFU.
+
+Counted: matrix multiplies (2 FLOPs per multiply-add), including attention scores. Per the work
+each part really does in a step: the frozen vision encoder runs forward only; the trainable
+resampler and xattn blocks run forward + backward (3x); frozen LM layers that the gradient passes
+through (from the first xattn block up) run forward + activation gradients (2x for weight
+matmuls, 3x for the attention-score matmuls whose both operands are activations); frozen LM
+layers below the first xattn block run forward only.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+from flamingo_jax.models.flamingo import FlamingoConfig
+from flamingo_jax.models.nfnet import NFNetConfig
+from flamingo_jax.models.vit import ViTConfig
+
+# Peak dense bf16 FLOP/s per chip (vendor figures).
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+}
+
+
+def vit_forward_flops(config: ViTConfig) -> float:
+    tokens = config.num_patches + 1
+    width = config.width
+    patch = 2 * config.num_patches * config.patch_size**2 * config.channels * width
+    per_layer = 2 * tokens * (4 * width * width + 2 * width * config.mlp_dim) + 2 * 2 * tokens * tokens * width
+    return patch + config.depth * per_layer
+
+
+def nfnet_forward_flops(config: NFNetConfig) -> float:
+    size = config.image_size
+    total = 0.0
+
+    def conv(in_ch, out_ch, kernel, stride=1, groups=1):
+        nonlocal size, total
+        size = -(-size // stride)
+        total += 2 * size * size * kernel * kernel * (in_ch // groups) * out_ch
+
+    stem = config.widths[0] // 2
+    for in_ch, out_ch, stride in ((config.channels, 16, 2), (16, 32, 1), (32, 64, 1), (64, stem, 2)):
+        conv(in_ch, out_ch, 3, stride)
+    in_ch = stem
+    for stage, (width, depth) in enumerate(zip(config.widths, config.depths, strict=True)):
+        for index in range(depth):
+            stride = 2 if (index == 0 and stage > 0) else 1
+            mid = int(width * config.bottleneck_ratio)
+            groups = mid // config.group_size
+            if stride > 1 or in_ch != width:
+                before = size
+                size = -(-size // stride)
+                total += 2 * size * size * in_ch * width  # shortcut 1x1 after pooling
+                size = before
+            conv(in_ch, mid, 1)
+            conv(mid, mid, 3, stride, groups)
+            conv(mid, mid, 3, 1, groups)
+            conv(mid, width, 1)
+            in_ch = width
+    conv(in_ch, config.output_dim, 1)
+    return total
+
+
+def vision_forward_flops(config) -> float:
+    if isinstance(config, ViTConfig):
+        return vit_forward_flops(config)
+    if isinstance(config, NFNetConfig):
+        return nfnet_forward_flops(config)
+    raise TypeError(f"no FLOP count for {type(config).__name__}")
+
+
+def train_step_flops(
+    config: FlamingoConfig, batch_size: int, length: int, num_media: int, num_frames: int = 1
+) -> float:
+    """FLOPs of one train step on one batch of [batch_size, length] tokens with num_media media."""
+    lm, resampler, xattn = config.lm, config.resampler, config.xattn
+    media = batch_size * num_media
+    vision = media * num_frames * vision_forward_flops(config.vision)
+
+    # Perceiver Resampler, per media item.
+    source = num_frames * config.vision.num_output_tokens
+    latents = resampler.num_latents
+    inner = resampler.num_heads * resampler.head_dim
+    width = resampler.width
+    per_layer = (
+        2 * latents * width * inner  # q
+        + 2 * 2 * (source + latents) * width * inner  # k, v
+        + 2 * 2 * latents * (source + latents) * inner  # scores and weighted sum
+        + 2 * latents * inner * width  # out
+        + 2 * 2 * latents * width * width * resampler.ffw_mult
+    )
+    projection = 2 * source * config.vision.output_dim * width if config.vision.output_dim != width else 0
+    resampler_flops = media * (projection + resampler.depth * per_layer)
+
+    # Gated xattn blocks, per example.
+    tokens = batch_size * length
+    xattn_inner = xattn.num_heads * (xattn.head_dim or lm.width // xattn.num_heads)
+    visual_tokens = num_media * latents
+    block = (
+        tokens * (2 * lm.width * xattn_inner * 2 + 2 * 2 * lm.width * lm.width * xattn.ffw_mult)
+        + media * latents * 2 * 2 * width * xattn_inner
+        + tokens * 2 * 2 * visual_tokens * xattn_inner
+    )
+    xattn_flops = len(config.xattn_layer_indices) * block
+
+    # Frozen LM.
+    head_dim = lm.dim_per_head
+    weight_matmuls = (
+        2
+        * tokens
+        * (
+            lm.width * lm.num_heads * head_dim * 2
+            + lm.width * lm.num_kv_heads * head_dim * 2
+            + 3 * lm.width * lm.mlp_dim
+        )
+    )
+    scores = 2 * 2 * batch_size * length * length * lm.num_heads * head_dim
+    first = min(config.xattn_layer_indices)
+    backward_layers = lm.num_layers - first
+    lm_flops = lm.num_layers * (weight_matmuls + scores) + backward_layers * (weight_matmuls + 2 * scores)
+    head = 2 * tokens * lm.width * lm.vocab_size
+    new_rows = 2 * tokens * lm.width * 2
+    return vision + 3 * (resampler_flops + xattn_flops) + lm_flops + 2 * head + 3 * new_rows
+
+
+def measured_matmul_peak(size: int = 1024, repeats: int = 10, dtype=jnp.float32) -> float:
+    """FLOP/s of a jitted square matmul on the default device (the CPU 'peak' for MFU)."""
+    a = jnp.ones((size, size), dtype)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def peak_flops_per_step_second(devices) -> tuple[float, str]:
+    """(total peak FLOP/s of ``devices``, where the figure came from)."""
+    kind = devices[0].device_kind
+    for prefix, peak in PEAK_FLOPS.items():
+        if kind.startswith(prefix):
+            return peak * len(devices), f"{kind} table"
+    if devices[0].platform == "cpu":
+        # Fake CPU devices share the host's cores: the host's measured peak is the total.
+        return measured_matmul_peak(), "measured CPU matmul"
+    raise ValueError(f"no peak FLOP/s known for device kind {kind!r}; add it to flamingo_jax.flops.PEAK_FLOPS")

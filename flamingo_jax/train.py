@@ -1,0 +1,374 @@
+"""The train step and the objects it works on: flat parameter dicts, the optimizer, the loss.
+
+Reads top to bottom: parameters are split into a frozen and a trainable flat dict (string paths
+-> arrays, which orbax, optax and sharding all handle plainly); the optimizer holds state for the
+trainable dict only; one step accumulates the loss-weighted gradients of one batch from every
+dataset of the mixture (Flamingo Section 3) and applies AdamW with global-norm clipping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from flamingo_jax import sharding
+from flamingo_jax.batch import Batch
+from flamingo_jax.models.flamingo import Flamingo, FlamingoConfig, abstract_flamingo, trainable_filter
+
+log = logging.getLogger(__name__)
+
+FlatParams = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """Paper defaults (Appendix B.1.2): AdamW, lr 1e-4 after a 5k-step linear warmup then constant,
+    weight decay 0.1 except on the Perceiver Resampler, global-norm clipping at 1.0."""
+
+    learning_rate: float = 1e-4
+    warmup_steps: int = 5000
+    weight_decay: float = 0.1
+    no_decay: tuple[str, ...] = ("resampler",)
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    clip_norm: float = 1.0
+
+
+def path_key(path: tuple) -> str:
+    return "/".join(str(part) for part in path)
+
+
+def flatten_state(state: nnx.State) -> FlatParams:
+    """nnx.State -> {'xattn_layers/0/to_q/linear/kernel': array, ...}."""
+    return {path_key(path): variable[...] for path, variable in nnx.to_flat_state(state)}
+
+
+def unflatten_state(flat: FlatParams) -> nnx.State:
+    def part(text):
+        return int(text) if text.isdigit() else text
+
+    return nnx.State.from_flat_path({tuple(part(p) for p in key.split("/")): value for key, value in flat.items()})
+
+
+def logical_names(config: FlamingoConfig) -> tuple[dict[str, tuple], dict[str, tuple]]:
+    """Logical axis names of every (trainable, frozen) parameter, from the abstract model."""
+    model = abstract_flamingo(config)
+    _, trainable, frozen = nnx.split(model, trainable_filter(config), ...)
+
+    def names(state):
+        return {
+            path_key(path): (
+                variable.get_metadata().get("out_sharding") or (None,) * variable.ndim,
+                variable.get_value(),
+            )
+            for path, variable in nnx.to_flat_state(state)
+        }
+
+    return names(trainable), names(frozen)
+
+
+def flat_shardings(named: dict[str, tuple], mesh, rules) -> dict[str, jax.sharding.NamedSharding]:
+    return {
+        key: jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(names, rules, value.shape, mesh))
+        for key, (names, value) in named.items()
+    }
+
+
+def init_params(config: FlamingoConfig, mesh, rules, seed: int) -> tuple[nnx.GraphDef, FlatParams, FlatParams]:
+    """Sharded initialisation under jit: every device creates only its own shards."""
+    trainable_names, frozen_names = logical_names(config)
+    out_shardings = (flat_shardings(trainable_names, mesh, rules), flat_shardings(frozen_names, mesh, rules))
+
+    def create():
+        model = Flamingo(config, rngs=nnx.Rngs(seed))
+        _, trainable, frozen = nnx.split(model, trainable_filter(config), ...)
+        return flatten_state(trainable), flatten_state(frozen)
+
+    with nnx.use_eager_sharding(False):
+        graphdef = nnx.split(abstract_flamingo(config), trainable_filter(config), ...)[0]
+        trainable, frozen = jax.jit(create, out_shardings=out_shardings)()
+    return graphdef, trainable, frozen
+
+
+def merge_model(graphdef: nnx.GraphDef, trainable: FlatParams, frozen: FlatParams) -> Flamingo:
+    return nnx.merge(graphdef, unflatten_state(trainable), unflatten_state(frozen))
+
+
+def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:
+    warmup = max(config.warmup_steps, 1)
+    return lambda step: config.learning_rate * jnp.minimum(1.0, (step + 1) / warmup)
+
+
+def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
+    def decay_mask(params: FlatParams):
+        return {key: not any(group in key.split("/") for group in config.no_decay) for key in params}
+
+    return optax.chain(
+        optax.clip_by_global_norm(config.clip_norm),
+        optax.adamw(
+            learning_rate_schedule(config),
+            b1=config.b1,
+            b2=config.b2,
+            eps=config.eps,
+            weight_decay=config.weight_decay,
+            mask=decay_mask,
+        ),
+    )
+
+
+def token_loss(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """Mean next-token cross-entropy over the targets ``loss_mask`` selects.
+
+    Returns (loss, number of counted targets). A batch with no counted target gives loss 0, not
+    NaN (its gradient is zero too).
+    """
+    weights = batch.loss_mask[:, :-1].astype(jnp.float32)
+    targets = batch.tokens[:, 1:]
+    log_probs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    count = weights.sum()
+    return (nll * weights).sum() / jnp.maximum(count, 1.0), count
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    step: jax.Array
+    params: FlatParams
+    opt_state: optax.OptState
+
+
+def gate_values(params: FlatParams) -> dict[str, jax.Array]:
+    """tanh(alpha) of each xattn gate, keyed 'gate/<block>/attn' and 'gate/<block>/ffw'."""
+    gates = {}
+    for key, value in params.items():
+        parts = key.split("/")
+        if parts[0] == "xattn_layers" and parts[-1] in ("attn_gate", "ffw_gate"):
+            gates[f"gate/{parts[1]}/{parts[-1][:-5]}"] = jnp.tanh(value)
+    return gates
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, loss_weights: dict[str, float], schedule):
+    """``step(state, frozen, batches) -> (state, metrics)`` for a {dataset name: Batch} mixture."""
+
+    def dataset_loss(params, frozen, batch: Batch):
+        model = merge_model(graphdef, params, frozen)
+        logits, _ = model(batch.tokens, batch.image_index, batch.image_mask, batch.images)
+        return token_loss(logits, batch)
+
+    def step(state: TrainState, frozen: FlatParams, batches: dict[str, Batch]):
+        grads = jax.tree.map(jnp.zeros_like, state.params)
+        metrics = {}
+        total = jnp.zeros((), jnp.float32)
+        for name, weight in loss_weights.items():
+            (loss, count), dataset_grads = jax.value_and_grad(dataset_loss, has_aux=True)(
+                state.params, frozen, batches[name]
+            )
+            grads = jax.tree.map(lambda acc, g, w=weight: acc + w * g.astype(acc.dtype), grads, dataset_grads)
+            total = total + weight * loss
+            metrics[f"loss/{name}"] = loss
+            metrics[f"targets/{name}"] = count
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics.update(loss=total, grad_norm=optax.global_norm(grads), learning_rate=schedule(state.step))
+        metrics.update(gate_values(params))
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    return step
+
+
+def opt_state_shardings(tx, params: FlatParams, param_shardings, mesh):
+    """Optimizer-state shardings that follow the parameters' (optax's count stays replicated)."""
+    abstract = jax.eval_shape(tx.init, params)
+    return optax.tree_map_params(
+        tx,
+        lambda _, param_sharding: param_sharding,
+        abstract,
+        param_shardings,
+        transform_non_params=lambda _: sharding.replicated(mesh),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The training run: config, then one loop from (resumed) step to the end.
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything a training run needs; built by gin in ``main.py`` and passed down as is."""
+
+    model: FlamingoConfig
+    datasets: tuple = ()
+    mesh: sharding.MeshConfig = sharding.MeshConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    train_steps: int = 100
+    log_every: int = 10
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 3
+    seed: int = 0
+    init_from: str | None = None
+    async_checkpointing: bool = True
+
+    def __post_init__(self):
+        if not self.datasets:
+            raise ValueError("RunConfig.datasets is empty: bind at least one DatasetConfig")
+        for name in ("train_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"RunConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.init_from is not None and not os.path.isdir(self.init_from):
+            raise FileNotFoundError(f"RunConfig.init_from: no checkpoint directory at {self.init_from!r}")
+
+
+def _global_batches(local: dict[str, dict], mesh, rules) -> dict[str, Batch]:
+    """This process's numpy batches -> global jax Arrays sharded over the batch axes."""
+    out = {}
+    for name, fields in local.items():
+        arrays = {
+            key: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, rules, value.ndim), value)
+            for key, value in fields.items()
+        }
+        out[name] = Batch.from_dict(arrays)
+    return out
+
+
+def _check_batch_divisibility(config: RunConfig, mesh) -> None:
+    batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+    for dataset in config.datasets:
+        if dataset.batch_size % batch_devices:
+            raise ValueError(
+                f"DatasetConfig {dataset.name!r}: batch_size={dataset.batch_size} is not divisible by the "
+                f"data x fsdp = {batch_devices} devices the batch is split over"
+            )
+
+
+def train(config: RunConfig, workdir: str) -> dict:
+    """Trains (or resumes) a run in ``workdir``. Returns a summary with the final step and
+    whether the run stopped early for preemption."""
+    from flamingo_jax import checkpointing, flops, metrics
+    from flamingo_jax.data import mixture
+
+    mesh = sharding.create_mesh(config.mesh)
+    rules = sharding.RULE_SETS[config.mesh.rules]
+    _check_batch_divisibility(config, mesh)
+    model_config = config.model
+
+    with sharding.activation_sharding(mesh, rules):
+        graphdef, trainable, frozen = init_params(model_config, mesh, rules, config.seed)
+    if config.init_from:
+        shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in {**trainable, **frozen}.items()}
+        shardings_by_key = {k: v.sharding for k, v in {**trainable, **frozen}.items()}
+        loaded = checkpointing.load_params(config.init_from, shardings_by_key, shapes)
+        trainable = {k: loaded.get(k, v).astype(v.dtype) for k, v in trainable.items()}
+        frozen = {k: loaded.get(k, v).astype(v.dtype) for k, v in frozen.items()}
+        log.info("init_from %s: loaded %d parameter arrays", config.init_from, len(loaded))
+
+    tx = make_optimizer(config.optimizer)
+    schedule = learning_rate_schedule(config.optimizer)
+    param_shardings = {key: value.sharding for key, value in trainable.items()}
+    replicated = sharding.replicated(mesh)
+    state_shardings = TrainState(replicated, param_shardings, opt_state_shardings(tx, trainable, param_shardings, mesh))
+    opt_state = jax.jit(tx.init, out_shardings=state_shardings.opt_state)(trainable)
+    state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), replicated), trainable, opt_state)
+
+    token_ids = mixture.TokenIds(
+        model_config.lm.vocab_size, model_config.media_token_id, model_config.endofchunk_token_id
+    )
+    dataset = mixture.mixture_dataset(
+        config.datasets,
+        token_ids,
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    iterator = mixture.mixture_iterator(dataset)
+
+    checkpointer = checkpointing.Checkpointer(
+        os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints, async_save=config.async_checkpointing
+    )
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        abstract = jax.tree.map(
+            lambda value, target: jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=target),
+            state,
+            state_shardings,
+        )
+        state = checkpointer.restore(latest, abstract, iterator)
+        log.info("resumed from the checkpoint at step %d", latest)
+    start_step = int(state.step)
+
+    loss_weights = {dataset.name: dataset.loss_weight for dataset in config.datasets}
+    frozen_shardings = {key: value.sharding for key, value in frozen.items()}
+    step_fn = jax.jit(
+        make_train_step(graphdef, tx, loss_weights, schedule),
+        in_shardings=(state_shardings, frozen_shardings, None),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=(0,),
+    )
+
+    first = next(iter(dataset[0].values()))
+    step_flops = sum(
+        flops.train_step_flops(
+            model_config,
+            dataset_config.batch_size,
+            first["tokens"].shape[1],
+            dataset[0][dataset_config.name]["images"].shape[1],
+            dataset[0][dataset_config.name]["images"].shape[2],
+        )
+        for dataset_config in config.datasets
+    )
+    tokens_per_step = sum(d.batch_size * dataset[0][d.name]["tokens"].shape[1] for d in config.datasets)
+    peak, peak_source = flops.peak_flops_per_step_second(jax.devices())
+    log.info("%.3g FLOPs per step; peak %.3g FLOP/s (%s)", step_flops, peak, peak_source)
+
+    writer = metrics.MetricsWriter(
+        workdir, total_steps=config.train_steps, resume_step=start_step, primary=jax.process_index() == 0
+    )
+    watcher = checkpointing.PreemptionWatcher().install()
+    preempted = False
+    last_saved = latest
+    try:
+        for step in range(start_step, config.train_steps):
+            batches = _global_batches(next(iterator), mesh, rules)
+            started = time.perf_counter()
+            with sharding.activation_sharding(mesh, rules):
+                state, step_metrics = step_fn(state, frozen, batches)
+            # Block every step: the CPU backend deadlocks with many sharded steps in flight, and
+            # the step time below is only honest this way.
+            loss = float(step_metrics["loss"])
+            step_time = time.perf_counter() - started
+            done = step + 1
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"step {done}: loss is {loss}; stopping before it reaches a checkpoint")
+            if done % config.log_every == 0 or done == config.train_steps:
+                record = jax.device_get(step_metrics)
+                record.update(
+                    step_time_s=step_time,
+                    tokens_per_s=tokens_per_step / step_time,
+                    mfu=step_flops / step_time / peak,
+                )
+                writer.write(done, record)
+            writer.advance()
+            if done % config.checkpoint_every == 0 or done == config.train_steps:
+                checkpointer.save(done, state, iterator)
+                last_saved = done
+            if watcher.should_stop():
+                if last_saved != done:
+                    checkpointer.save(done, state, iterator)
+                    last_saved = done
+                preempted = True
+                break
+    finally:
+        watcher.uninstall()
+        checkpointer.close()
+        writer.close()
+    return {"step": int(state.step), "preempted": preempted}
