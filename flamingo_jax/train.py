@@ -21,7 +21,7 @@ from flax import nnx
 
 from flamingo_jax import sharding
 from flamingo_jax.batch import Batch
-from flamingo_jax.models.flamingo import Flamingo, FlamingoConfig, abstract_flamingo, trainable_filter
+from flamingo_jax.models.flamingo import CountingRngs, Flamingo, FlamingoConfig, abstract_flamingo, trainable_filter
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def init_params(config: FlamingoConfig, mesh, rules, seed: int) -> tuple[nnx.Gra
     out_shardings = (flat_shardings(trainable_names, mesh, rules), flat_shardings(frozen_names, mesh, rules))
 
     def create():
-        model = Flamingo(config, rngs=nnx.Rngs(seed))
+        model = Flamingo(config, rngs=CountingRngs(seed))
         _, trainable, frozen = nnx.split(model, trainable_filter(config), ...)
         return flatten_state(trainable), flatten_state(frozen)
 
@@ -251,6 +251,65 @@ def _check_batch_divisibility(config: RunConfig, mesh) -> None:
             )
 
 
+@dataclasses.dataclass
+class Training:
+    """A run's compiled pieces on one mesh: the state, the frozen weights and the jitted step."""
+
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    graphdef: nnx.GraphDef
+    state: TrainState
+    frozen: FlatParams
+    state_shardings: TrainState
+    step_fn: object
+
+    def step(self, batches: dict[str, Batch]):
+        """Runs one step (donating the old state) and returns its metrics (device arrays)."""
+        with sharding.activation_sharding(self.mesh, self.rules):
+            self.state, step_metrics = self.step_fn(self.state, self.frozen, batches)
+        return step_metrics
+
+    def abstract_state(self) -> TrainState:
+        """ShapeDtypeStructs with this mesh's shardings: the target to restore a checkpoint onto."""
+        return jax.tree.map(
+            lambda value, target: jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=target),
+            self.state,
+            self.state_shardings,
+        )
+
+
+def build_training(config: RunConfig, mesh) -> Training:
+    """Initialises (sharded) parameters and optimizer state and jits the step for ``mesh``."""
+    from flamingo_jax import checkpointing
+
+    rules = sharding.RULE_SETS[config.mesh.rules]
+    _check_batch_divisibility(config, mesh)
+    with sharding.activation_sharding(mesh, rules):
+        graphdef, trainable, frozen = init_params(config.model, mesh, rules, config.seed)
+    if config.init_from:
+        every = {**trainable, **frozen}
+        shapes = {key: jax.ShapeDtypeStruct(value.shape, value.dtype) for key, value in every.items()}
+        loaded = checkpointing.load_params(config.init_from, {k: v.sharding for k, v in every.items()}, shapes)
+        trainable = {key: loaded.get(key, value).astype(value.dtype) for key, value in trainable.items()}
+        frozen = {key: loaded.get(key, value).astype(value.dtype) for key, value in frozen.items()}
+        log.info("init_from %s: loaded %d parameter arrays", config.init_from, len(loaded))
+
+    tx = make_optimizer(config.optimizer)
+    param_shardings = {key: value.sharding for key, value in trainable.items()}
+    replicated = sharding.replicated(mesh)
+    state_shardings = TrainState(replicated, param_shardings, opt_state_shardings(tx, trainable, param_shardings, mesh))
+    opt_state = jax.jit(tx.init, out_shardings=state_shardings.opt_state)(trainable)
+    state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), replicated), trainable, opt_state)
+    loss_weights = {dataset.name: dataset.loss_weight for dataset in config.datasets}
+    step_fn = jax.jit(
+        make_train_step(graphdef, tx, loss_weights, learning_rate_schedule(config.optimizer)),
+        in_shardings=(state_shardings, {key: value.sharding for key, value in frozen.items()}, None),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=(0,),
+    )
+    return Training(mesh, rules, graphdef, state, frozen, state_shardings, step_fn)
+
+
 def train(config: RunConfig, workdir: str) -> dict:
     """Trains (or resumes) a run in ``workdir``. Returns a summary with the final step and
     whether the run stopped early for preemption."""
@@ -258,27 +317,9 @@ def train(config: RunConfig, workdir: str) -> dict:
     from flamingo_jax.data import mixture
 
     mesh = sharding.create_mesh(config.mesh)
-    rules = sharding.RULE_SETS[config.mesh.rules]
-    _check_batch_divisibility(config, mesh)
+    training = build_training(config, mesh)
     model_config = config.model
-
-    with sharding.activation_sharding(mesh, rules):
-        graphdef, trainable, frozen = init_params(model_config, mesh, rules, config.seed)
-    if config.init_from:
-        shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in {**trainable, **frozen}.items()}
-        shardings_by_key = {k: v.sharding for k, v in {**trainable, **frozen}.items()}
-        loaded = checkpointing.load_params(config.init_from, shardings_by_key, shapes)
-        trainable = {k: loaded.get(k, v).astype(v.dtype) for k, v in trainable.items()}
-        frozen = {k: loaded.get(k, v).astype(v.dtype) for k, v in frozen.items()}
-        log.info("init_from %s: loaded %d parameter arrays", config.init_from, len(loaded))
-
-    tx = make_optimizer(config.optimizer)
-    schedule = learning_rate_schedule(config.optimizer)
-    param_shardings = {key: value.sharding for key, value in trainable.items()}
-    replicated = sharding.replicated(mesh)
-    state_shardings = TrainState(replicated, param_shardings, opt_state_shardings(tx, trainable, param_shardings, mesh))
-    opt_state = jax.jit(tx.init, out_shardings=state_shardings.opt_state)(trainable)
-    state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), replicated), trainable, opt_state)
+    rules = training.rules
 
     token_ids = mixture.TokenIds(
         model_config.lm.vocab_size, model_config.media_token_id, model_config.endofchunk_token_id
@@ -297,36 +338,22 @@ def train(config: RunConfig, workdir: str) -> dict:
     )
     latest = checkpointer.latest_step()
     if latest is not None:
-        abstract = jax.tree.map(
-            lambda value, target: jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=target),
-            state,
-            state_shardings,
-        )
-        state = checkpointer.restore(latest, abstract, iterator)
+        training.state = checkpointer.restore(latest, training.abstract_state(), iterator)
         log.info("resumed from the checkpoint at step %d", latest)
-    start_step = int(state.step)
+    start_step = int(training.state.step)
 
-    loss_weights = {dataset.name: dataset.loss_weight for dataset in config.datasets}
-    frozen_shardings = {key: value.sharding for key, value in frozen.items()}
-    step_fn = jax.jit(
-        make_train_step(graphdef, tx, loss_weights, schedule),
-        in_shardings=(state_shardings, frozen_shardings, None),
-        out_shardings=(state_shardings, replicated),
-        donate_argnums=(0,),
-    )
-
-    first = next(iter(dataset[0].values()))
+    shapes = {name: {key: value.shape for key, value in fields.items()} for name, fields in dataset[0].items()}
     step_flops = sum(
         flops.train_step_flops(
             model_config,
-            dataset_config.batch_size,
-            first["tokens"].shape[1],
-            dataset[0][dataset_config.name]["images"].shape[1],
-            dataset[0][dataset_config.name]["images"].shape[2],
+            d.batch_size,
+            shapes[d.name]["tokens"][1],
+            num_media=shapes[d.name]["images"][1],
+            num_frames=shapes[d.name]["images"][2],
         )
-        for dataset_config in config.datasets
+        for d in config.datasets
     )
-    tokens_per_step = sum(d.batch_size * dataset[0][d.name]["tokens"].shape[1] for d in config.datasets)
+    tokens_per_step = sum(d.batch_size * shapes[d.name]["tokens"][1] for d in config.datasets)
     peak, peak_source = flops.peak_flops_per_step_second(jax.devices())
     log.info("%.3g FLOPs per step; peak %.3g FLOP/s (%s)", step_flops, peak, peak_source)
 
@@ -340,8 +367,7 @@ def train(config: RunConfig, workdir: str) -> dict:
         for step in range(start_step, config.train_steps):
             batches = _global_batches(next(iterator), mesh, rules)
             started = time.perf_counter()
-            with sharding.activation_sharding(mesh, rules):
-                state, step_metrics = step_fn(state, frozen, batches)
+            step_metrics = training.step(batches)
             # Block every step: the CPU backend deadlocks with many sharded steps in flight, and
             # the step time below is only honest this way.
             loss = float(step_metrics["loss"])
@@ -359,11 +385,11 @@ def train(config: RunConfig, workdir: str) -> dict:
                 writer.write(done, record)
             writer.advance()
             if done % config.checkpoint_every == 0 or done == config.train_steps:
-                checkpointer.save(done, state, iterator)
+                checkpointer.save(done, training.state, iterator)
                 last_saved = done
             if watcher.should_stop():
                 if last_saved != done:
-                    checkpointer.save(done, state, iterator)
+                    checkpointer.save(done, training.state, iterator)
                     last_saved = done
                 preempted = True
                 break
@@ -371,4 +397,4 @@ def train(config: RunConfig, workdir: str) -> dict:
         watcher.uninstall()
         checkpointer.close()
         writer.close()
-    return {"step": int(state.step), "preempted": preempted}
+    return {"step": int(training.state.step), "preempted": preempted}

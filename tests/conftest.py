@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
+# Many tests (and the subprocesses they start) compile the same programs: share a persistent
+# compilation cache for the session. Set before jax initialises its backend.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "flamingo_jax_test_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
 import numpy as np
 import pytest
 from flax import nnx

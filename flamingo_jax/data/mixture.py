@@ -52,7 +52,13 @@ def _collate(examples):
 def dataset_stream(
     config: DatasetConfig, token_ids: TokenIds, *, seed: int, process_index: int, process_count: int
 ) -> grain.MapDataset:
-    """This process's batches of one dataset, indexed by step (infinite, reshuffled each epoch)."""
+    """This process's part of each global batch of one dataset, indexed by step (infinite,
+    reshuffled each epoch).
+
+    The global batch of a step is the same whatever the number of processes (so runs and
+    resumptions on other topologies see the same data); each process builds only its
+    ``batch_size / process_count`` rows of it.
+    """
     if config.batch_size % process_count:
         raise ValueError(
             f"DatasetConfig {config.name!r}: batch_size={config.batch_size} is not divisible by the "
@@ -65,9 +71,12 @@ def dataset_stream(
         media_token_id=token_ids.media_token_id,
         endofchunk_token_id=token_ids.endofchunk_token_id,
     )
-    indices = grain.MapDataset.range(config.num_examples)[process_index::process_count]
-    dataset = indices.shuffle(seed=seed).repeat(None).map(make)
-    return dataset.batch(config.batch_size // process_count, batch_fn=_collate)
+    local = config.batch_size // process_count
+    first = process_index * local
+    global_batches = (
+        grain.MapDataset.range(config.num_examples).shuffle(seed=seed).repeat(None).batch(config.batch_size)
+    )
+    return global_batches.map(lambda indices: _collate([make(int(i)) for i in indices[first : first + local]]))
 
 
 class _StepBatches(grain.MapDataset):

@@ -202,28 +202,36 @@ def create_flamingo(config: FlamingoConfig, seed: int = 0) -> Flamingo:
     """Builds a model with logical-axis metadata recorded but not applied (sharding is applied by
     ``flamingo_jax.sharding`` under a mesh)."""
     with nnx.use_eager_sharding(False):
-        return Flamingo(config, rngs=nnx.Rngs(seed))
+        return Flamingo(config, rngs=CountingRngs(seed))
 
 
-class _ShapeOnlyRngs:
-    """Hands out one fixed key for every draw. Shapes do not depend on random values, and with
-    real ``nnx.Rngs`` tracing an 80B model's init takes ~1 min here: every traced RNG-counter
-    update makes flax probe ``tracer.sharding``, whose error message walks the whole jaxpr."""
+class CountingRngs:
+    """A stand-in for ``nnx.Rngs`` whose draws are ``fold_in(key(seed), n)`` for n = 0, 1, ...
 
-    def __init__(self):
-        self._key = jax.random.key(0)
+    The draw counter is a Python int, not nnx state: with ``nnx.Rngs`` every traced counter
+    update makes flax probe ``tracer.sharding``, whose error message walks the whole jaxpr, so
+    tracing an init is quadratic in the number of parameters (~1 min for 80B, ~10 s even for the
+    tiny test model). Deterministic: the same seed gives the same parameters on any mesh.
+    """
 
-    def __getattr__(self, stream: str):
-        return lambda: self._key
+    def __init__(self, seed: int):
+        self._key = jax.random.key(seed)
+        self._draws = 0
 
     def __call__(self):
-        return self._key
+        self._draws += 1
+        return jax.random.fold_in(self._key, self._draws)
+
+    def __getattr__(self, stream: str):
+        if stream.startswith("_"):
+            raise AttributeError(stream)
+        return self.__call__
 
 
 def abstract_flamingo(config: FlamingoConfig) -> Flamingo:
     """The model with ShapeDtypeStruct leaves: shapes and counts without allocating anything."""
     with nnx.use_eager_sharding(False):
-        return nnx.eval_shape(lambda: Flamingo(config, rngs=_ShapeOnlyRngs()))
+        return nnx.eval_shape(lambda: Flamingo(config, rngs=CountingRngs(0)))
 
 
 def count_params(model: nnx.Module, flt=nnx.Param) -> int:

@@ -1,0 +1,114 @@
+"""The train step: identical on 1 and 8 devices under every rule set; frozen weights untouched."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flamingo_jax import configs, sharding, train
+from flamingo_jax.batch import Batch
+from flamingo_jax.data import mixture
+
+
+def smoke_config(*bindings) -> train.RunConfig:
+    configs.parse_gin(["runs/smoke_cpu.gin"], bindings)
+    try:
+        return configs.run_config()
+    finally:
+        gin.clear_config()
+
+
+def local_batches(config: train.RunConfig, step: int) -> dict:
+    model = config.model
+    token_ids = mixture.TokenIds(model.lm.vocab_size, model.media_token_id, model.endofchunk_token_id)
+    return mixture.mixture_dataset(config.datasets, token_ids, seed=config.seed)[step]
+
+
+def run_steps(config, mesh, steps=2):
+    training = train.build_training(config, mesh)
+    losses = []
+    for step in range(steps):
+        batches = train._global_batches(local_batches(config, step), mesh, training.rules)
+        losses.append(float(training.step(batches)["loss"]))
+    return training, losses
+
+
+MESHES = {
+    "data_parallel": sharding.MeshConfig(data=8, rules="data_parallel"),
+    "fsdp": sharding.MeshConfig(data=1, fsdp=8, rules="fsdp"),
+    "fsdp_tensor": sharding.MeshConfig(data=1, fsdp=4, tensor=2, rules="fsdp_tensor"),
+}
+
+
+@pytest.mark.parametrize("rules", sorted(MESHES))
+def test_same_step_on_one_and_eight_devices(rules):
+    """fp32; tolerance 1e-5 relative on losses, 2e-6 absolute on updated parameters (the only
+    difference is the order of cross-device reductions)."""
+    config = dataclasses.replace(smoke_config(), mesh=MESHES[rules])
+    one = sharding.create_mesh(dataclasses.replace(MESHES[rules], data=1, fsdp=1, tensor=1), jax.devices()[:1])
+    eight = sharding.create_mesh(MESHES[rules])
+    single, single_losses = run_steps(config, one)
+    sharded, sharded_losses = run_steps(config, eight)
+    np.testing.assert_allclose(sharded_losses, single_losses, rtol=1e-5)
+    assert sharded_losses[1] < sharded_losses[0] + 1  # it trained
+    specs = {key: value.sharding.spec for key, value in sharded.state.params.items()}
+    if rules == "fsdp_tensor":
+        assert any("tensor" in str(spec) for spec in specs.values())
+    if rules != "data_parallel":
+        assert any("fsdp" in str(spec) for spec in specs.values())
+    for key, value in single.state.params.items():
+        np.testing.assert_allclose(np.asarray(sharded.state.params[key]), np.asarray(value), atol=2e-6, err_msg=key)
+
+
+def test_frozen_weights_unchanged_and_without_optimizer_state():
+    config = smoke_config()
+    mesh = sharding.create_mesh(config.mesh)
+    training = train.build_training(config, mesh)
+    frozen_before = {key: np.asarray(value) for key, value in training.frozen.items()}
+    params_before = {key: np.asarray(value) for key, value in training.state.params.items()}
+    for step in range(3):
+        training.step(train._global_batches(local_batches(config, step), mesh, training.rules))
+    for key, value in training.frozen.items():
+        np.testing.assert_array_equal(np.asarray(value), frozen_before[key], err_msg=key)
+    changed = [
+        key for key, value in training.state.params.items() if not np.array_equal(np.asarray(value), params_before[key])
+    ]
+    assert len(changed) == len(params_before)
+    moments = [x for x in jax.tree.leaves(training.state.opt_state) if jnp.issubdtype(x.dtype, jnp.floating)]
+    assert sum(x.size for x in moments) == 2 * sum(v.size for v in training.state.params.values())
+    assert not set(training.frozen) & set(training.state.params)
+    assert any(key.startswith("lm/") for key in training.frozen)
+    assert all(key.split("/")[0] in ("resampler", "xattn_layers", "new_tokens") for key in training.state.params)
+
+
+def test_loss_with_no_counted_target_is_zero_not_nan():
+    logits = jnp.zeros((2, 5, 11))
+    batch = Batch(
+        tokens=jnp.zeros((2, 5), jnp.int32),
+        images=jnp.zeros((2, 1, 1, 4, 4, 3)),
+        image_mask=jnp.ones((2, 1), bool),
+        image_index=jnp.zeros((2, 5), jnp.int32),
+        loss_mask=jnp.zeros((2, 5)),
+    )
+    loss, count = train.token_loss(logits, batch)
+    assert float(loss) == 0.0 and float(count) == 0.0
+    loss, count = train.token_loss(logits, dataclasses.replace(batch, loss_mask=jnp.ones((2, 5))))
+    np.testing.assert_allclose(float(loss), np.log(11), rtol=1e-6)
+    assert float(count) == 8  # the last position predicts nothing
+
+
+def test_weight_decay_skips_the_resampler_and_schedule_warms_up():
+    optimizer = train.OptimizerConfig(learning_rate=1.0, warmup_steps=4, weight_decay=0.5, clip_norm=1e9)
+    tx = train.make_optimizer(optimizer)
+    params = {"resampler/w": jnp.ones(3), "xattn_layers/0/w": jnp.ones(3)}
+    state = tx.init(params)
+    updates, _ = tx.update({k: jnp.zeros(3) for k in params}, state, params)
+    assert float(jnp.abs(updates["resampler/w"]).max()) == 0.0  # zero gradient, no decay
+    assert float(updates["xattn_layers/0/w"][0]) == pytest.approx(-0.25 * 0.5)  # lr(0) = 1/4
+    schedule = train.learning_rate_schedule(optimizer)
+    assert [float(schedule(s)) for s in (0, 3, 100)] == [0.25, 1.0, 1.0]
