@@ -1,0 +1,160 @@
+"""The entry point end to end, as a subprocess: outputs, continuation, SIGKILL and SIGTERM
+resumption, and configuration errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+
+from flamingo_jax.metrics import read_metrics
+
+TIMING_KEYS = ("step_time_s", "tokens_per_s", "mfu")
+
+
+def main_command(workdir, *bindings):
+    return [
+        sys.executable,
+        "-m",
+        "flamingo_jax.main",
+        "--gin_file=runs/smoke_cpu.gin",
+        f"--workdir={workdir}",
+        *(f"--gin.{binding}" for binding in bindings),
+    ]
+
+
+def run_main(workdir, *bindings, timeout=300):
+    return subprocess.run(main_command(workdir, *bindings), capture_output=True, text=True, timeout=timeout)
+
+
+def without_timing(records):
+    return [{k: v for k, v in record.items() if k not in TIMING_KEYS} for record in records]
+
+
+def final_params(workdir, step):
+    path = os.path.join(workdir, "checkpoints", str(step), "state")
+    with ocp.StandardCheckpointer() as checkpointer:
+        restored = checkpointer.restore(path)
+    return {key: np.asarray(value) for key, value in restored["params"].items()}
+
+
+def wait_for(predicate, timeout, process):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        time.sleep(0.02)
+    raise AssertionError("timed out waiting")
+
+
+def test_smoke_run_writes_its_outputs_and_continues(tmp_path):
+    workdir = str(tmp_path / "run")
+    result = run_main(workdir, "TRAIN_STEPS=10", "CHECKPOINT_EVERY=5", "LOG_EVERY=5")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "5"]
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(workdir, "tensorboard")))
+    records = read_metrics(workdir)
+    assert [r["step"] for r in records] == [5, 10]
+    required = {
+        "loss",
+        "loss/interleaved",
+        "loss/pairs",
+        "learning_rate",
+        "grad_norm",
+        "tokens_per_s",
+        "step_time_s",
+        "mfu",
+    }
+    assert required <= set(records[0])
+    assert {"gate/0/attn", "gate/0/ffw", "gate/1/attn", "gate/1/ffw"} <= set(records[0])
+    assert all(np.isfinite(r["loss"]) and r["mfu"] > 0 for r in records)
+    with open(os.path.join(workdir, "config.gin")) as f:
+        assert "TRAIN_STEPS = 10" in f.read()
+
+    result = run_main(workdir, "TRAIN_STEPS=15", "CHECKPOINT_EVERY=5", "LOG_EVERY=5")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from the checkpoint at step 10" in result.stderr
+    assert [r["step"] for r in read_metrics(workdir)] == [5, 10, 15]
+
+
+def test_sigkill_after_a_checkpoint_resumes_bit_identically(tmp_path):
+    bindings = ("TRAIN_STEPS=60", "CHECKPOINT_EVERY=10", "LOG_EVERY=1")
+    reference = str(tmp_path / "reference")
+    assert run_main(reference, *bindings).returncode == 0
+
+    interrupted = str(tmp_path / "interrupted")
+    process = subprocess.Popen(
+        main_command(interrupted, *bindings), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    wait_for(lambda: os.path.isdir(os.path.join(interrupted, "checkpoints", "10")), 300, process)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    steps = [int(name) for name in os.listdir(os.path.join(interrupted, "checkpoints")) if name.isdigit()]
+    assert max(steps) < 60, "the run finished before it could be killed"
+    killed_at = max(r["step"] for r in read_metrics(interrupted))
+
+    result = run_main(interrupted, *bindings)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = read_metrics(interrupted)
+    assert [r["step"] for r in resumed] == list(range(1, 61)), killed_at
+    assert without_timing(resumed) == without_timing(read_metrics(reference))
+    expected = final_params(reference, 60)
+    actual = final_params(interrupted, 60)
+    assert expected.keys() == actual.keys()
+    for key, value in expected.items():
+        np.testing.assert_array_equal(actual[key], value, err_msg=key)
+
+
+def test_sigterm_saves_a_checkpoint_and_loses_no_step(tmp_path):
+    workdir = str(tmp_path / "run")
+    bindings = ("TRAIN_STEPS=100000", "CHECKPOINT_EVERY=100000", "LOG_EVERY=1")
+    process = subprocess.Popen(
+        main_command(workdir, *bindings), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+
+    def logged_five():
+        return os.path.exists(metrics_path) and sum(1 for _ in open(metrics_path)) >= 5
+
+    wait_for(logged_five, 300, process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-3000:]
+    assert "preempted" in stderr
+    saved = [int(name) for name in os.listdir(os.path.join(workdir, "checkpoints")) if name.isdigit()]
+    last_logged = max(r["step"] for r in read_metrics(workdir))
+    assert saved == [last_logged]
+
+    result = run_main(workdir, f"TRAIN_STEPS={last_logged + 3}", "CHECKPOINT_EVERY=100000", "LOG_EVERY=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["step"] for r in read_metrics(workdir)] == list(range(1, last_logged + 4))
+
+
+def test_bad_configuration_fails_at_start_naming_the_setting(tmp_path):
+    cases = {
+        "RunConfig.trian_steps=3": "trian_steps",
+        "MeshConfig.data=3": "MeshConfig: data=3",
+        "RunConfig.init_from='/no/such/checkpoint'": "RunConfig.init_from",
+        "MeshConfig.rules='zero3'": "MeshConfig.rules='zero3'",
+    }
+    for binding, message in cases.items():
+        started = time.monotonic()
+        result = run_main(str(tmp_path / "bad"), binding)
+        assert result.returncode != 0, binding
+        assert message in result.stderr, (binding, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert time.monotonic() - started < 60
+    assert not os.path.exists(tmp_path / "bad" / "checkpoints")
+
+
+def test_missing_workdir_flag():
+    result = subprocess.run(
+        [sys.executable, "-m", "flamingo_jax.main", "--gin_file=runs/smoke_cpu.gin"], capture_output=True, text=True
+    )
+    assert result.returncode != 0 and "--workdir is required" in result.stderr
