@@ -21,6 +21,8 @@ setup(
         "numpy",
         "pillow",
         "absl-py",
+        "tensorboardx",
+        "tqdm",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist", "ruff"],
