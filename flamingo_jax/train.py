@@ -49,7 +49,7 @@ def path_key(path: tuple) -> str:
 
 def flatten_state(state: nnx.State) -> FlatParams:
     """nnx.State -> {'xattn_layers/0/to_q/linear/kernel': array, ...}."""
-    return {path_key(path): variable[...] for path, variable in nnx.to_flat_state(state)}
+    return {path_key(path): variable.get_value() for path, variable in nnx.to_flat_state(state)}
 
 
 def unflatten_state(flat: FlatParams) -> nnx.State:
