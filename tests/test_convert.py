@@ -89,3 +89,17 @@ def test_sentencepiece_and_tokenizer_json(tmp_path):
     assert hf.encode("a cat<image>") == [2, 3, 4]
     tokens, mask = hf.encode_batch(["a cat", "cat"], 3, padding_side="right")
     assert tokens.tolist() == [[2, 3, 1], [3, 1, 1]] and mask.sum() == 3
+
+
+def test_flamingo_from_pretrained_uses_the_imported_lm(tmp_path, tiny_config):
+    from flamingo_jax.importers.pretrained import flamingo_from_pretrained
+
+    _tiny_hf_llama(tmp_path / "hf")
+    model = flamingo_from_pretrained(tiny_config, lm=str(tmp_path / "hf"))
+    reference = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").float().eval()
+    tokens = np.random.default_rng(0).integers(0, 128, (1, 9))
+    with torch.no_grad():
+        expected = reference(torch.tensor(tokens)).logits.numpy()
+    images = np.zeros((1, 1, 1, 16, 16, 3), np.float32)
+    logits, _ = model(tokens.astype(np.int32), np.zeros((1, 9), np.int32), np.ones((1, 1), bool), images)
+    assert np.abs(np.asarray(logits)[..., :128] - expected).max() <= 1e-4  # gates at 0: exactly the LM

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flamingo_jax.models.flamingo import CountingRngs
+from flamingo_jax.models.flamingo import CountingRngs, Flamingo, FlamingoConfig, abstract_flamingo
 from flamingo_jax.models.llama import LlamaConfig, LlamaLM
 
 
@@ -34,3 +36,68 @@ def llama_from_pretrained(path: str, **config_overrides) -> tuple[LlamaConfig, L
         model = LlamaLM(config, rngs=CountingRngs(0))
     assign(model, params)
     return config, model
+
+
+def _read_state(path: str) -> dict[str, np.ndarray]:
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+
+        return load_file(path)
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {key: value.float().numpy() for key, value in state.items()}
+
+
+def pretrained_params(
+    config, *, lm=None, vision_hf=None, vision_open_clip=None, openflamingo=None, **openflamingo_tokens
+):
+    """{Flamingo parameter path: array} from the given sources, checked against ``config``."""
+    from flamingo_jax.importers import clip, llama
+    from flamingo_jax.importers import openflamingo as of_importer
+
+    params = {}
+    if lm:
+        loader = llama.load_gguf_llama if lm.endswith(".gguf") else llama.load_hf_llama
+        lm_config, lm_params = loader(lm)
+        for field in ("vocab_size", "width", "num_layers", "num_heads", "num_kv_heads", "mlp_dim", "tie_embeddings"):
+            if getattr(lm_config, field) != getattr(config.lm, field):
+                raise ValueError(
+                    f"{lm}: LlamaConfig.{field} is {getattr(lm_config, field)} in the weights but "
+                    f"{getattr(config.lm, field)} in the model config"
+                )
+        params.update({f"lm/{key}": value for key, value in lm_params.items()})
+    if vision_hf:
+        from safetensors.numpy import load_file
+
+        files = [os.path.join(vision_hf, n) for n in sorted(os.listdir(vision_hf)) if n.endswith(".safetensors")]
+        state = {k: v for path in files for k, v in load_file(path).items()}
+        params.update({f"vision/{k}": v for k, v in clip.from_hf_clip_vision(state, config.vision).items()})
+    if vision_open_clip:
+        state = _read_state(vision_open_clip)
+        params.update({f"vision/{k}": v for k, v in clip.from_open_clip_visual(state, config.vision).items()})
+    if openflamingo:
+        params.update(
+            of_importer.flamingo_params(of_importer.load_checkpoint(openflamingo), config, **openflamingo_tokens)
+        )
+    if not params:
+        raise ValueError("nothing to convert: give --lm, --vision_hf, --vision_open_clip or --openflamingo")
+    abstract = {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(abstract_flamingo(config)))}
+    for key, value in params.items():
+        if key not in abstract:
+            raise ValueError(f"converted weight {key!r} has no parameter in the configured model")
+        if tuple(abstract[key].shape) != tuple(value.shape):
+            raise ValueError(
+                f"converted weight {key!r} has shape {value.shape}, the model expects {abstract[key].shape}"
+            )
+    return params
+
+
+def flamingo_from_pretrained(config: FlamingoConfig, *, seed: int = 0, **sources) -> Flamingo:
+    """A Flamingo model whose frozen (and, with ``openflamingo=``, trainable) parts come from
+    pretrained files; the rest is initialised from ``seed``. ``sources`` as in
+    :func:`pretrained_params` (``lm=``, ``vision_hf=``, ``vision_open_clip=``, ``openflamingo=``)."""
+    with nnx.use_eager_sharding(False):
+        model = Flamingo(config, rngs=CountingRngs(seed))
+    assign(model, pretrained_params(config, **sources))
+    return model
