@@ -16,6 +16,7 @@ setup(
         "grain>=0.2.18",
         "tensorflow-datasets>=4.9.10",
         "array-record>=0.8.6",
+        "importlib_resources",  # tensorflow-datasets' builders import it without declaring it
         "sentencepiece>=0.2.0",
         "gin-config>=0.5.0",
         "numpy",

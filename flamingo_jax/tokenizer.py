@@ -95,6 +95,16 @@ class Tokenizer:
     # -- constructors -----------------------------------------------------------------------
 
     @classmethod
+    def from_bytes(cls) -> Tokenizer:
+        """UTF-8 bytes as ids 3..258 (0 pad, 1 BOS, 2 EOS): needs no file; for tests and
+        generated data."""
+
+        def decode(ids):
+            return bytes(i - 3 for i in ids if 3 <= i < 259).decode("utf-8", "replace")
+
+        return cls(lambda text: [b + 3 for b in text.encode("utf-8")], decode, 259, bos_id=1, eos_id=2, pad_id=0)
+
+    @classmethod
     def from_sentencepiece(cls, path: str) -> Tokenizer:
         import sentencepiece
 
