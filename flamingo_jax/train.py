@@ -218,6 +218,7 @@ class RunConfig:
     seed: int = 0
     init_from: str | None = None
     async_checkpointing: bool = True
+    tokenizer: str = "bytes"
 
     def __post_init__(self):
         if not self.datasets:
@@ -314,7 +315,7 @@ def train(config: RunConfig, workdir: str) -> dict:
     """Trains (or resumes) a run in ``workdir``. Returns a summary with the final step and
     whether the run stopped early for preemption."""
     from flamingo_jax import checkpointing, flops, metrics
-    from flamingo_jax.data import mixture
+    from flamingo_jax.data import mixture, records
 
     mesh = sharding.create_mesh(config.mesh)
     training = build_training(config, mesh)
@@ -324,12 +325,26 @@ def train(config: RunConfig, workdir: str) -> dict:
     token_ids = mixture.TokenIds(
         model_config.lm.vocab_size, model_config.media_token_id, model_config.endofchunk_token_id
     )
+    tokenizer = None
+    if any(d.source != "synthetic" for d in config.datasets):
+        from flamingo_jax.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(config.tokenizer)
+        if tokenizer.base_vocab_size != model_config.lm.vocab_size:
+            raise ValueError(
+                f"RunConfig.tokenizer={config.tokenizer!r} has {tokenizer.base_vocab_size} base tokens but "
+                f"LlamaConfig.vocab_size is {model_config.lm.vocab_size}"
+            )
+    skip_counts = records.SkipCounts()
     dataset = mixture.mixture_dataset(
         config.datasets,
         token_ids,
         seed=config.seed,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        tokenizer=tokenizer,
+        image_size=getattr(model_config.vision, "image_size", 224),
+        counts=skip_counts,
     )
     iterator = mixture.mixture_iterator(dataset)
 
@@ -377,6 +392,7 @@ def train(config: RunConfig, workdir: str) -> dict:
                 raise FloatingPointError(f"step {done}: loss is {loss}; stopping before it reaches a checkpoint")
             if done % config.log_every == 0 or done == config.train_steps:
                 record = jax.device_get(step_metrics)
+                record.update(skip_counts.snapshot())
                 record.update(
                     step_time_s=step_time,
                     tokens_per_s=tokens_per_step / step_time,

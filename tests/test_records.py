@@ -134,3 +134,35 @@ def test_missing_source_fails_at_start(tmp_path):
         and not builders.safe_member_name("../x")
         and not builders.safe_member_name("/etc/x")
     )
+
+
+def test_training_run_on_a_webdataset_mixture_counts_skips(pairs_dir, tmp_path):
+    """The entry point trains on real tar shards mixed with generated documents; skipped
+    records reach metrics.jsonl and the loss stays finite."""
+    from test_main import run_main
+
+    from flamingo_jax.metrics import read_metrics
+
+    bindings = [
+        "LlamaConfig.vocab_size=259",
+        "RunConfig.tokenizer='bytes'",
+        "RunConfig.datasets=[@interleaved/DatasetConfig(), @wds/DatasetConfig()]",
+        "wds/DatasetConfig.name='wds'",
+        "wds/DatasetConfig.batch_size=8",
+        "wds/DatasetConfig.loss_weight=0.2",
+        "wds/DatasetConfig.source='webdataset'",
+        f"wds/DatasetConfig.path='{pairs_dir}'",
+        f"wds/DatasetConfig.data_dir='{tmp_path / 'tfds'}'",
+        "wds/DatasetConfig.length=32",
+        "TRAIN_STEPS=3",
+        "LOG_EVERY=1",
+        "CHECKPOINT_EVERY=3",
+    ]
+    result = run_main(str(tmp_path / "run"), *bindings)
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = read_metrics(str(tmp_path / "run"))[-1]
+    assert np.isfinite(last["loss/wds"]) and last["targets/wds"] > 0
+    assert last["skipped/wds/corrupt_image"] >= 1 and last["skipped/wds/empty_text"] >= 1
+
+    result = run_main(str(tmp_path / "bad"), *bindings[:-3], "LlamaConfig.vocab_size=128")
+    assert result.returncode != 0 and "RunConfig.tokenizer='bytes' has 259 base tokens" in result.stderr

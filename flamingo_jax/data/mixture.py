@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import sys
 
 import grain
@@ -17,10 +18,18 @@ import numpy as np
 
 from flamingo_jax.data import synthetic
 
+SOURCES = ("synthetic", "webdataset", "mmc4")
+
 
 @dataclasses.dataclass(frozen=True)
 class DatasetConfig:
-    """One dataset of the mixture: its global batch size per step and loss weight."""
+    """One dataset of the mixture: its global batch size per step and loss weight.
+
+    ``source``: 'synthetic' (generated, see ``synthetic``), 'webdataset' (image-text pair tar
+    shards at ``path``) or 'mmc4' (interleaved jsonl + images at ``path``). Real sources are
+    prepared once into ArrayRecord under ``data_dir`` (default ``<path>/tfds``) and produce
+    sequences of ``length`` tokens with up to ``max_images`` images.
+    """
 
     name: str
     batch_size: int
@@ -28,14 +37,24 @@ class DatasetConfig:
     source: str = "synthetic"
     synthetic: synthetic.SyntheticConfig = synthetic.SyntheticConfig()
     num_examples: int = 10_000
+    path: str | None = None
+    data_dir: str | None = None
+    length: int = 256
+    max_images: int = 5
+    p_next: float = 0.5
+    augment: bool = True
 
     def __post_init__(self):
         if self.batch_size <= 0:
             raise ValueError(f"DatasetConfig {self.name!r}: batch_size must be positive, got {self.batch_size}")
         if self.loss_weight < 0:
             raise ValueError(f"DatasetConfig {self.name!r}: loss_weight must be >= 0, got {self.loss_weight}")
-        if self.source != "synthetic":
-            raise ValueError(f"DatasetConfig {self.name!r}: unknown source {self.source!r}; available: ['synthetic']")
+        if self.source not in SOURCES:
+            raise ValueError(f"DatasetConfig {self.name!r}: unknown source {self.source!r}; available: {list(SOURCES)}")
+        if self.source != "synthetic" and (not self.path or not os.path.exists(self.path)):
+            raise FileNotFoundError(
+                f"DatasetConfig {self.name!r}: source {self.source!r} needs an existing path, got {self.path!r}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,8 +68,46 @@ def _collate(examples):
     return {key: np.stack([example[key] for example in examples]) for key in examples[0]}
 
 
+def _real_examples(config: DatasetConfig, tokenizer, image_size: int, seed: int, counts):
+    """Random-access examples of a real source (built into ArrayRecord on first use)."""
+    from flamingo_jax.data import builders, records
+    from flamingo_jax.data.images import ImageConfig
+
+    if tokenizer is None:
+        raise ValueError(
+            f"DatasetConfig {config.name!r}: source {config.source!r} needs a tokenizer (RunConfig.tokenizer)"
+        )
+    counts = counts if counts is not None else records.SkipCounts()
+    builder_cls = {"webdataset": builders.WebdatasetPairs, "mmc4": builders.MMC4Documents}[config.source]
+    data_dir = config.data_dir or os.path.join(config.path, "tfds")
+    source = builders.prepare(builder_cls, source=config.path, data_dir=data_dir).as_data_source("train")
+    image_config = ImageConfig(image_size=image_size)
+    if config.source == "webdataset":
+        converter = records.PairConverter(tokenizer, image_config, config.length, train=config.augment)
+    else:
+        converter = records.DocumentConverter(
+            tokenizer,
+            image_config,
+            config.length,
+            config.max_images,
+            config.p_next,
+            train=config.augment,
+            counts=counts,
+            name=config.name,
+        )
+    return records.RobustRecords(source, converter, name=config.name, seed=seed, counts=counts)
+
+
 def dataset_stream(
-    config: DatasetConfig, token_ids: TokenIds, *, seed: int, process_index: int, process_count: int
+    config: DatasetConfig,
+    token_ids: TokenIds,
+    *,
+    seed: int,
+    process_index: int,
+    process_count: int,
+    tokenizer=None,
+    image_size: int = 224,
+    counts=None,
 ) -> grain.MapDataset:
     """This process's part of each global batch of one dataset, indexed by step (infinite,
     reshuffled each epoch).
@@ -64,18 +121,21 @@ def dataset_stream(
             f"DatasetConfig {config.name!r}: batch_size={config.batch_size} is not divisible by the "
             f"{process_count} JAX processes"
         )
-    make = functools.partial(
-        synthetic.make_example,
-        config=config.synthetic,
-        vocab_size=token_ids.vocab_size,
-        media_token_id=token_ids.media_token_id,
-        endofchunk_token_id=token_ids.endofchunk_token_id,
-    )
+    if config.source == "synthetic":
+        make = functools.partial(
+            synthetic.make_example,
+            config=config.synthetic,
+            vocab_size=token_ids.vocab_size,
+            media_token_id=token_ids.media_token_id,
+            endofchunk_token_id=token_ids.endofchunk_token_id,
+        )
+        size = config.num_examples
+    else:
+        examples = _real_examples(config, tokenizer, image_size, seed, counts)
+        make, size = examples.__getitem__, len(examples)
     local = config.batch_size // process_count
     first = process_index * local
-    global_batches = (
-        grain.MapDataset.range(config.num_examples).shuffle(seed=seed).repeat(None).batch(config.batch_size)
-    )
+    global_batches = grain.MapDataset.range(size).shuffle(seed=seed).repeat(None).batch(config.batch_size)
     return global_batches.map(lambda indices: _collate([make(int(i)) for i in indices[first : first + local]]))
 
 
@@ -100,13 +160,25 @@ def mixture_dataset(
     seed: int,
     process_index: int = 0,
     process_count: int = 1,
+    tokenizer=None,
+    image_size: int = 224,
+    counts=None,
 ) -> grain.MapDataset:
+    """{name: this process's rows of the step's batch} for every step; real sources need the
+    ``tokenizer``, the model's ``image_size`` and a ``counts`` (SkipCounts) for skipped records."""
     names = [config.name for config in datasets]
     if len(set(names)) != len(names) or not names:
         raise ValueError(f"mixture dataset names must be unique and non-empty, got {names}")
     streams = {
         config.name: dataset_stream(
-            config, token_ids, seed=seed + 1000 * position, process_index=process_index, process_count=process_count
+            config,
+            token_ids,
+            seed=seed + 1000 * position,
+            process_index=process_index,
+            process_count=process_count,
+            tokenizer=tokenizer,
+            image_size=image_size,
+            counts=counts,
         )
         for position, config in enumerate(datasets)
     }
