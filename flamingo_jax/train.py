@@ -158,7 +158,8 @@ def gate_values(params: FlatParams) -> dict[str, jax.Array]:
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, loss_weights: dict[str, float], schedule):
-    """``step(state, frozen, batches) -> (state, metrics)`` for a {dataset name: Batch} mixture."""
+    """``step(state, frozen, batches) -> (state, metrics)`` for a {dataset name: Batch} mixture;
+    datasets absent from ``batches`` (the 'sample' strategy) contribute nothing that step."""
 
     def dataset_loss(params, frozen, batch: Batch):
         model = merge_model(graphdef, params, frozen)
@@ -170,6 +171,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_weights: di
         metrics = {}
         total = jnp.zeros((), jnp.float32)
         for name, weight in loss_weights.items():
+            if name not in batches:
+                continue
             (loss, count), dataset_grads = jax.value_and_grad(dataset_loss, has_aux=True)(
                 state.params, frozen, batches[name]
             )
@@ -219,6 +222,8 @@ class RunConfig:
     init_from: str | None = None
     async_checkpointing: bool = True
     tokenizer: str = "bytes"
+    mixture_strategy: str = "accumulate"
+    data_workers: int = 0
 
     def __post_init__(self):
         if not self.datasets:
@@ -226,6 +231,14 @@ class RunConfig:
         for name in ("train_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"RunConfig.{name} must be positive, got {getattr(self, name)}")
+        from flamingo_jax.data import mixture
+
+        if self.mixture_strategy not in mixture.STRATEGIES:
+            raise ValueError(
+                f"RunConfig.mixture_strategy={self.mixture_strategy!r}; available: {list(mixture.STRATEGIES)}"
+            )
+        if self.data_workers < 0:
+            raise ValueError(f"RunConfig.data_workers must be >= 0, got {self.data_workers}")
         if self.init_from is not None and not os.path.isdir(self.init_from):
             raise FileNotFoundError(f"RunConfig.init_from: no checkpoint directory at {self.init_from!r}")
 
@@ -301,7 +314,10 @@ def build_training(config: RunConfig, mesh) -> Training:
     state_shardings = TrainState(replicated, param_shardings, opt_state_shardings(tx, trainable, param_shardings, mesh))
     opt_state = jax.jit(tx.init, out_shardings=state_shardings.opt_state)(trainable)
     state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), replicated), trainable, opt_state)
-    loss_weights = {dataset.name: dataset.loss_weight for dataset in config.datasets}
+    loss_weights = {
+        dataset.name: dataset.loss_weight if config.mixture_strategy == "accumulate" else 1.0
+        for dataset in config.datasets
+    }
     step_fn = jax.jit(
         make_train_step(graphdef, tx, loss_weights, learning_rate_schedule(config.optimizer)),
         in_shardings=(state_shardings, {key: value.sharding for key, value in frozen.items()}, None),
@@ -315,7 +331,7 @@ def train(config: RunConfig, workdir: str) -> dict:
     """Trains (or resumes) a run in ``workdir``. Returns a summary with the final step and
     whether the run stopped early for preemption."""
     from flamingo_jax import checkpointing, flops, metrics
-    from flamingo_jax.data import mixture, records
+    from flamingo_jax.data import mixture
 
     mesh = sharding.create_mesh(config.mesh)
     training = build_training(config, mesh)
@@ -335,7 +351,6 @@ def train(config: RunConfig, workdir: str) -> dict:
                 f"RunConfig.tokenizer={config.tokenizer!r} has {tokenizer.base_vocab_size} base tokens but "
                 f"LlamaConfig.vocab_size is {model_config.lm.vocab_size}"
             )
-    skip_counts = records.SkipCounts()
     dataset = mixture.mixture_dataset(
         config.datasets,
         token_ids,
@@ -344,9 +359,9 @@ def train(config: RunConfig, workdir: str) -> dict:
         process_count=jax.process_count(),
         tokenizer=tokenizer,
         image_size=getattr(model_config.vision, "image_size", 224),
-        counts=skip_counts,
+        strategy=config.mixture_strategy,
     )
-    iterator = mixture.mixture_iterator(dataset)
+    iterator = mixture.mixture_iterator(dataset, workers=config.data_workers)
 
     checkpointer = checkpointing.Checkpointer(
         os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints, async_save=config.async_checkpointing
@@ -357,9 +372,9 @@ def train(config: RunConfig, workdir: str) -> dict:
         log.info("resumed from the checkpoint at step %d", latest)
     start_step = int(training.state.step)
 
-    shapes = {name: {key: value.shape for key, value in fields.items()} for name, fields in dataset[0].items()}
-    step_flops = sum(
-        flops.train_step_flops(
+    shapes = {name: {key: value.shape for key, value in fields.items()} for name, fields in dataset.first().items()}
+    dataset_flops = {
+        d.name: flops.train_step_flops(
             model_config,
             d.batch_size,
             shapes[d.name]["tokens"][1],
@@ -367,10 +382,10 @@ def train(config: RunConfig, workdir: str) -> dict:
             num_frames=shapes[d.name]["images"][2],
         )
         for d in config.datasets
-    )
-    tokens_per_step = sum(d.batch_size * shapes[d.name]["tokens"][1] for d in config.datasets)
+    }
+    dataset_tokens = {d.name: d.batch_size * shapes[d.name]["tokens"][1] for d in config.datasets}
     peak, peak_source = flops.peak_flops_per_step_second(jax.devices())
-    log.info("%.3g FLOPs per step; peak %.3g FLOP/s (%s)", step_flops, peak, peak_source)
+    log.info("%.3g FLOPs per step; peak %.3g FLOP/s (%s)", sum(dataset_flops.values()), peak, peak_source)
 
     writer = metrics.MetricsWriter(
         workdir, total_steps=config.train_steps, resume_step=start_step, primary=jax.process_index() == 0
@@ -380,7 +395,8 @@ def train(config: RunConfig, workdir: str) -> dict:
     last_saved = latest
     try:
         for step in range(start_step, config.train_steps):
-            batches = _global_batches(next(iterator), mesh, rules)
+            local = next(iterator)
+            batches = _global_batches(local, mesh, rules)
             started = time.perf_counter()
             step_metrics = training.step(batches)
             # Block every step: the CPU backend deadlocks with many sharded steps in flight, and
@@ -392,11 +408,11 @@ def train(config: RunConfig, workdir: str) -> dict:
                 raise FloatingPointError(f"step {done}: loss is {loss}; stopping before it reaches a checkpoint")
             if done % config.log_every == 0 or done == config.train_steps:
                 record = jax.device_get(step_metrics)
-                record.update(skip_counts.snapshot())
+                record.update(iterator.skipped)
                 record.update(
                     step_time_s=step_time,
-                    tokens_per_s=tokens_per_step / step_time,
-                    mfu=step_flops / step_time / peak,
+                    tokens_per_s=sum(dataset_tokens[name] for name in local) / step_time,
+                    mfu=sum(dataset_flops[name] for name in local) / step_time / peak,
                 )
                 writer.write(done, record)
             writer.advance()
@@ -412,5 +428,6 @@ def train(config: RunConfig, workdir: str) -> dict:
     finally:
         watcher.uninstall()
         checkpointer.close()
+        iterator.close()
         writer.close()
     return {"step": int(training.state.step), "preempted": preempted}

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
+import json
 import os
+import tarfile
 import tempfile
 
 # Many tests (and the subprocesses they start) compile the same programs: share a persistent
@@ -13,6 +16,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 import numpy as np
 import pytest
 from flax import nnx
+from PIL import Image
 
 from flamingo_jax import configs
 from flamingo_jax.batch import Batch
@@ -62,3 +66,40 @@ def jit_forward(model):
         return nnx.merge(graphdef, state)(tokens, image_index, image_mask, images)[0]
 
     return lambda *args: forward(state, *args)
+
+
+def encoded_image(colour, mode="RGB", fmt="JPEG", size=(24, 20)):
+    buffer = io.BytesIO()
+    Image.new(mode, size, colour).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def add_tar_member(archive, name, data):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    archive.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="session")
+def pairs_dir(tmp_path_factory):
+    """img2dataset-style tar shard: good pairs, every bad-record kind, an escaping member."""
+    root = tmp_path_factory.mktemp("wds")
+    good = encoded_image((200, 30, 30))
+    samples = {
+        "000000": (good, b"a red square"),
+        "000001": (encoded_image((0, 0, 0, 255), mode="CMYK"), b"a black square in CMYK"),
+        "000002": (encoded_image((10, 20, 30), fmt="PNG", mode="P"), b"a palette image"),
+        "000003": (b"", b"zero-byte image"),
+        "000004": (good[: len(good) // 3], b"truncated image"),
+        "000005": (good, b""),
+        "000006": (good, b"\xff\xfe not utf-8 \xc3\x28"),
+        "000007": (good, b"   "),
+    }
+    with tarfile.open(root / "00000.tar", "w") as archive:
+        for key, (image, caption) in samples.items():
+            add_tar_member(archive, f"{key}.jpg", image)
+            add_tar_member(archive, f"{key}.txt", caption)
+            add_tar_member(archive, f"{key}.json", json.dumps({"key": key}).encode())
+        add_tar_member(archive, "../escape.jpg", good)
+        add_tar_member(archive, "../escape.txt", b"an escaping member")
+    return root

@@ -23,9 +23,10 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 class BadRecord(Exception):
     """A record to skip; ``reason`` is the counter key (e.g. 'empty_image', 'corrupt_image')."""
 
-    def __init__(self, reason: str, detail: str = ""):
+    def __init__(self, reason: str, detail: str = "", *, also: tuple[str, ...] = ()):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+        self.also = tuple(also)  # further reasons found on the way (e.g. a document's bad images)
 
 
 def decode_image(data: bytes, *, max_pixels: int = 64_000_000) -> np.ndarray:

@@ -1,17 +1,20 @@
 """Prepared records -> batch-contract examples, skipping and counting bad records.
 
-A record that cannot make an example (undecodable or missing image, empty or non-UTF-8 text,
-no target left to learn) raises :class:`BadRecord` in its converter; :class:`RobustRecords`
-then takes the next record instead and counts the skip per dataset and reason, so the data
-stays random-access and deterministic and a bad record never crashes a run or yields NaN.
+A record that cannot make an example (undecodable or missing image or video, empty or non-UTF-8
+text, no target left to learn) raises :class:`BadRecord` in its converter; :class:`RobustRecords`
+then takes the next record instead, so the data stays random-access and deterministic and a bad
+record never crashes a run or yields NaN.
+
+The reasons travel *with the data*: every example carries the list of what was skipped to make
+it under ``SKIPPED`` (records passed over, images dropped from a document). The mixture sums
+them per dataset and reason, so the counts are right with decoding worker processes and are
+restored exactly with the iterator state.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
-import threading
 
 import grain
 import numpy as np
@@ -19,21 +22,12 @@ import numpy as np
 from flamingo_jax.data import examples
 from flamingo_jax.data.images import BadRecord, ImageConfig, decode_image, preprocess
 
+SKIPPED = "_skipped"
 
-class SkipCounts:
-    """Thread-safe counts of skipped records, keyed 'skipped/<dataset>/<reason>'."""
 
-    def __init__(self):
-        self._counts = collections.Counter()
-        self._lock = threading.Lock()
-
-    def add(self, dataset: str, reason: str) -> None:
-        with self._lock:
-            self._counts[f"skipped/{dataset}/{reason}"] += 1
-
-    def snapshot(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._counts)
+def pop_skipped(example: dict) -> list[str]:
+    """Removes and returns the skip reasons an example carries (see the module docstring)."""
+    return list(example.pop(SKIPPED, ()))
 
 
 def decode_text(data: bytes | str) -> str:
@@ -50,9 +44,14 @@ def decode_text(data: bytes | str) -> str:
     return text
 
 
-def _checked(example: dict) -> dict:
+def _special_ids(tokenizer) -> examples.SpecialIds:
+    return examples.SpecialIds(tokenizer.media_token_id, tokenizer.endofchunk_token_id, tokenizer.pad_id)
+
+
+def _checked(example: dict, skipped: list[str] | None = None) -> dict:
     if not example["loss_mask"].any():
-        raise BadRecord("no_targets")
+        raise BadRecord("no_targets", also=tuple(skipped or ()))
+    example[SKIPPED] = list(skipped or ())
     return example
 
 
@@ -68,11 +67,10 @@ class PairConverter:
     def __call__(self, record: dict, rng: np.random.Generator) -> dict:
         caption = decode_text(record["caption"])
         image = preprocess(decode_image(record["image"]), self.image_config, rng if self.train else None)
-        ids = examples.SpecialIds(
-            self.tokenizer.media_token_id, self.tokenizer.endofchunk_token_id, self.tokenizer.pad_id
-        )
         caption_ids = self.tokenizer.encode(caption)[: self.length - 2]
-        return _checked(examples.pair_example(caption_ids, image[None], ids=ids, length=self.length))
+        return _checked(
+            examples.pair_example(caption_ids, image[None], ids=_special_ids(self.tokenizer), length=self.length)
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,13 +84,11 @@ class DocumentConverter:
     max_images: int = 5
     p_next: float = 0.5
     train: bool = True
-    counts: SkipCounts | None = None
-    name: str = ""
 
     def __call__(self, record: dict, rng: np.random.Generator) -> dict:
         texts = json.loads(decode_text(record["texts"]))
         sentences = [self.tokenizer.encode(" " + t.strip() if i else t.strip()) for i, t in enumerate(texts)]
-        images, matched = [], []
+        images, matched, skipped = [], [], []
         for data, index in zip(record["images"], record["matched_text_index"], strict=True):
             try:
                 if not 0 <= int(index) < len(sentences):
@@ -100,39 +96,36 @@ class DocumentConverter:
                 images.append(preprocess(decode_image(data), self.image_config, rng if self.train else None)[None])
                 matched.append(int(index))
             except BadRecord as error:
-                if self.counts is not None:
-                    self.counts.add(self.name, f"document_image/{error.reason}")
+                skipped.append(f"document_image/{error.reason}")
         if not images:
-            raise BadRecord("no_images")
-        ids = examples.SpecialIds(
-            self.tokenizer.media_token_id, self.tokenizer.endofchunk_token_id, self.tokenizer.pad_id
-        )
+            raise BadRecord("no_images", also=tuple(skipped))
         example = examples.interleaved_example(
             sentences,
             images,
             matched,
-            ids=ids,
+            ids=_special_ids(self.tokenizer),
             rng=rng,
             length=self.length,
             max_images=self.max_images,
             p_next=self.p_next,
         )
         if example is None:
-            raise BadRecord("no_images_in_window")
-        return _checked(example)
+            raise BadRecord("no_images_in_window", also=tuple(skipped))
+        return _checked(example, skipped)
 
 
 class RobustRecords(grain.MapDataset):
-    """Example ``i`` = converter(record i), or of the next good record; skips are counted.
+    """Example ``i`` = converter(record i), or of the next good record; the reasons of the
+    records passed over are added to the example's ``SKIPPED`` list.
 
     The converter's randomness comes from ``(seed, i)``, so an example is reproducible
     from its index alone (what makes resumption exact).
     """
 
-    def __init__(self, source, converter, *, name: str, seed: int, counts: SkipCounts, max_skips: int = 64):
+    def __init__(self, source, converter, *, name: str, seed: int, max_skips: int = 64):
         super().__init__([])
         self._source, self._converter = source, converter
-        self._name, self._seed, self._counts, self._max_skips = name, seed, counts, max_skips
+        self._name, self._seed, self._max_skips = name, seed, max_skips
 
     def __len__(self) -> int:
         return len(self._source)
@@ -141,13 +134,39 @@ class RobustRecords(grain.MapDataset):
         if isinstance(index, slice):
             return self.slice(index)
         size = len(self._source)
+        passed_over = []
         for offset in range(self._max_skips + 1):
             record = self._source[(index + offset) % size]
             try:
-                return self._converter(record, np.random.default_rng((self._seed, index, offset)))
+                example = self._converter(record, np.random.default_rng((self._seed, index, offset)))
             except BadRecord as error:
-                self._counts.add(self._name, error.reason)
+                passed_over.extend((error.reason, *error.also))
+                continue
+            example[SKIPPED] = passed_over + example.get(SKIPPED, [])
+            return example
         raise RuntimeError(
-            f"dataset {self._name!r}: {self._max_skips + 1} consecutive bad records from index {index}; "
-            f"skip counts so far: {self._counts.snapshot()}"
+            f"dataset {self._name!r}: {self._max_skips + 1} consecutive bad records from index {index} "
+            f"(reasons: {sorted(set(passed_over))}); is the data at its path the right format?"
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoConverter:
+    """A ``VideoCaptions`` record -> ``<image>caption<|endofchunk|>`` whose one media slot holds
+    ``num_frames`` frames sampled at ``fps`` (Flamingo's VTP: 8 frames at 1 FPS)."""
+
+    tokenizer: object
+    image_config: ImageConfig
+    length: int
+    num_frames: int = 8
+    fps: float = 1.0
+    train: bool = True
+
+    def __call__(self, record: dict, rng: np.random.Generator) -> dict:
+        from flamingo_jax.data.video import decode_clip, preprocess_clip
+
+        caption = decode_text(record["caption"])
+        frames = decode_clip(record["video"], num_frames=self.num_frames, fps=self.fps, rng=rng if self.train else None)
+        clip = preprocess_clip(frames, self.image_config, rng if self.train else None)
+        caption_ids = self.tokenizer.encode(caption)[: self.length - 2]
+        return _checked(examples.pair_example(caption_ids, clip, ids=_special_ids(self.tokenizer), length=self.length))

@@ -1,0 +1,97 @@
+"""The mixture gin files of experiments/mixtures: the paper's and OpenFlamingo's weights, and the
+offline demo mixture training through the entry point on real images."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import gin
+import numpy as np
+import pytest
+from test_sources import video_dir  # noqa: F401 (a fixture)
+
+from flamingo_jax import configs
+from flamingo_jax.metrics import read_metrics
+
+
+@pytest.fixture(scope="module")
+def mmc4_dir(tmp_path_factory):
+    from conftest import encoded_image
+
+    root = tmp_path_factory.mktemp("mmc4")
+    (root / "a.jpg").write_bytes(encoded_image((200, 10, 10)))
+    document = {
+        "text_list": ["A red square.", "More text."],
+        "image_info": [{"image_name": "a.jpg", "matched_text_index": 0}],
+    }
+    (root / "docs.jsonl").write_text(json.dumps(document) + "\n")
+    return root
+
+
+def _run_config(mixture: str, bindings: list[str]):
+    configs.parse_gin(["runs/smoke_cpu.gin", mixture], bindings)
+    try:
+        return configs.run_config()
+    finally:
+        gin.clear_config()
+
+
+def test_paper_mixture_weights(mmc4_dir, pairs_dir, video_dir):  # noqa: F811
+    config = _run_config(
+        "mixtures/paper.gin",
+        [f"M3W_PATH='{mmc4_dir}'", f"ALIGN_PATH='{pairs_dir}'", f"LTIP_PATH='{pairs_dir}'", f"VTP_PATH='{video_dir}'"],
+    )
+    datasets = {d.name: d for d in config.datasets}
+    # Flamingo, Section 3: lambda_M3W = 1, lambda_ALIGN = lambda_LTIP = 0.2, lambda_VTP = 0.03.
+    assert {name: d.loss_weight for name, d in datasets.items()} == {"m3w": 1.0, "align": 0.2, "ltip": 0.2, "vtp": 0.03}
+    assert config.mixture_strategy == "accumulate"
+    m3w, vtp = datasets["m3w"], datasets["vtp"]
+    assert (m3w.length, m3w.max_images, m3w.p_next) == (256, 5, 0.5)  # L = 256, N = 5, p_next = 0.5
+    assert (vtp.source, vtp.num_frames, vtp.fps) == ("video", 8, 1.0)  # 8 frames at 1 FPS
+    assert [datasets[n].source for n in ("align", "ltip")] == ["webdataset", "webdataset"]
+
+
+def test_openflamingo_mixture_weights(mmc4_dir, pairs_dir):
+    config = _run_config("mixtures/openflamingo.gin", [f"MMC4_PATH='{mmc4_dir}'", f"LAION_PATH='{pairs_dir}'"])
+    datasets = {d.name: d for d in config.datasets}
+    assert {name: d.loss_weight for name, d in datasets.items()} == {"mmc4": 1.0, "laion": 0.2}
+    mmc4 = datasets["mmc4"]
+    assert (mmc4.length, mmc4.max_images, mmc4.p_next) == (256, 6, 1.0)
+    assert datasets["laion"].length == 32
+
+
+def test_missing_required_path_is_a_clear_error():
+    with pytest.raises(Exception, match="source 'mmc4' needs an existing path, got None"):
+        _run_config("mixtures/openflamingo.gin", [])
+
+
+def test_demo_mixture_trains_on_real_images(tmp_path):
+    """Fashion-MNIST (pairs and few-shot documents), scikit-image photos and generated documents,
+    two steps through the entry point with decoding workers: finite per-dataset losses."""
+    command = [
+        sys.executable,
+        "-m",
+        "flamingo_jax.main",
+        "--gin_file=runs/smoke_cpu.gin",
+        "--gin_file=mixtures/demo.gin",
+        f"--workdir={tmp_path / 'run'}",
+        "--gin.LlamaConfig.vocab_size=259",
+        "--gin.RunConfig.tokenizer='bytes'",
+        "--gin.RunConfig.data_workers=2",
+        "--gin.DEMO_BATCH=8",
+        "--gin.fashion_fewshot/DatasetConfig.options={'shots': 4, 'limit': 400}",
+        "--gin.fashion_pairs/DatasetConfig.options={'limit': 400}",
+        "--gin.TRAIN_STEPS=2",
+        "--gin.LOG_EVERY=1",
+        "--gin.CHECKPOINT_EVERY=2",
+    ]
+    env = {**os.environ, "FLAMINGO_JAX_DATA": str(tmp_path / "data")}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    last = read_metrics(str(tmp_path / "run"))[-1]
+    for name in ("fashion_fewshot", "fashion_pairs", "photos", "generated"):
+        assert np.isfinite(last[f"loss/{name}"]) and last[f"targets/{name}"] > 0, name
+    assert sorted(os.listdir(tmp_path / "data"))  # prepared once, under FLAMINGO_JAX_DATA
