@@ -136,3 +136,31 @@ def test_training_run_on_a_webdataset_mixture_counts_skips(pairs_dir, tmp_path):
 
     result = run_main(str(tmp_path / "bad"), *bindings[:-3], "LlamaConfig.vocab_size=128")
     assert result.returncode != 0 and "RunConfig.tokenizer='bytes' has 259 base tokens" in result.stderr
+
+
+def test_sample_with_every_label_masked_is_skipped_and_counted():
+    """A document whose only image ends the window has nothing to learn: skipped as
+    'no_targets', and the next record is used instead."""
+    image = _jpeg((10, 200, 10))
+
+    def document(text):
+        return {"texts": json.dumps([text]), "images": [image], "matched_text_index": np.asarray([0], np.int32)}
+
+    tokenizer = Tokenizer.from_bytes()
+    # p_next = 0: the image follows its text. "Hello there.<image><|endofchunk|>" is 14 tokens; the
+    # 13-token window starting at 0 ends on <image> (no target), the one starting at 1 keeps the
+    # <|endofchunk|> target. Over seeds, both happen.
+    converter = records.DocumentConverter(tokenizer, IMAGE, length=13, p_next=0.0, train=False)
+    source = [document("Hello there."), document("Hi.")]
+    outcomes = set()
+    for seed in range(16):
+        example = records.RobustRecords(source, converter, name="docs", seed=seed)[0]
+        skipped = records.pop_skipped(example)
+        text = tokenizer.decode(example["tokens"], skip_special=False)
+        if skipped:
+            assert skipped == ["no_targets"] and text.startswith("Hi.<image><|endofchunk|>")
+        else:
+            assert text == "ello there.<image><|endofchunk|>"
+        assert example["loss_mask"].sum() == 1  # the <|endofchunk|> after the image
+        outcomes.add(bool(skipped))
+    assert outcomes == {True, False}
