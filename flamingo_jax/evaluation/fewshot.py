@@ -1,0 +1,244 @@
+"""The few-shot in-context protocol of Flamingo / OpenFlamingo.
+
+For every query, ``shots`` demonstrations from the task's pool (chosen at random per seed, or
+by RICES: most similar vision features, most similar last) precede it as
+``<image>demo<|endofchunk|>``; zero-shot uses two text-only demonstrations instead (Flamingo,
+Appendix B.1.5). Captioning and VQA generate (beam search on the KV cache); classification and
+binary tasks rank class names by log-likelihood. Each (shots, seed) gives a metric; the result
+reports mean and standard deviation over seeds and keeps every prediction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+
+import numpy as np
+import tqdm
+
+from flamingo_jax.data.images import ImageConfig, preprocess
+from flamingo_jax.evaluation import metrics
+from flamingo_jax.evaluation.ranking import Rices, class_log_likelihoods, vision_features
+from flamingo_jax.evaluation.tasks import Example, Task
+from flamingo_jax.generate import GenerateConfig, generate
+
+log = logging.getLogger(__name__)
+
+SELECTIONS = ("random", "rices")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """What ``flamingo_jax.main --mode=eval`` runs (bound in ``experiments/runs/eval_*.gin``).
+
+    ``tasks``: names of ``tasks.OFFLINE_TASKS``; ``checkpoint_step``: None for the latest."""
+
+    tasks: tuple[str, ...] = ("fashion_mnist",)
+    shots: tuple[int, ...] = (0, 4, 8)
+    seeds: tuple[int, ...] = (0,)
+    num_queries: int = 100
+    pool_size: int = 2000
+    selection: str = "random"
+    batch_size: int = 8
+    max_new_tokens: int = 20
+    num_beams: int = 3
+    length_penalty: float = 0.0
+    checkpoint_step: int | None = None
+
+    def __post_init__(self):
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"EvalConfig.selection={self.selection!r}; available: {list(SELECTIONS)}")
+        if any(s < 0 for s in self.shots) or not self.seeds or self.num_queries < 1 or self.batch_size < 1:
+            raise ValueError(f"EvalConfig: shots must be >= 0, seeds non-empty, sizes positive; got {self}")
+
+
+def _prepare(example: Example, image_config: ImageConfig) -> np.ndarray:
+    from flamingo_jax.data.images import decode_image
+
+    image = example.load_image()
+    if isinstance(image, bytes):
+        image = decode_image(image)
+    return preprocess(np.asarray(image, np.uint8), image_config, None)
+
+
+class _ImageCache:
+    """Preprocessed images by example id (pools are reused across queries, shots and seeds)."""
+
+    def __init__(self, image_config: ImageConfig):
+        self.config, self._images = image_config, {}
+
+    def __call__(self, example: Example) -> np.ndarray:
+        if example.id not in self._images:
+            self._images[example.id] = _prepare(example, self.config)
+        return self._images[example.id]
+
+
+def build_prompt(task: Task, demos: list[Example], query: Example, *, text_only: bool, rng) -> str:
+    """The interleaved text of one query (``<image>`` marks each image's place)."""
+    templates = task.templates
+    parts = []
+    for demo in demos:
+        fields = dict(question=demo.question, text=demo.text, answer=task.demo_answer(demo, rng))
+        if text_only:
+            parts.append(templates.text_only_demo.format(**fields) + "<|endofchunk|>")
+        else:
+            parts.append("<image>" + templates.demo.format(**fields) + "<|endofchunk|>")
+    parts.append("<image>" + templates.query.format(question=query.question, text=query.text, answer=""))
+    return "".join(parts)
+
+
+def _batch(prompts: list[list[int]], images: list[list[np.ndarray]], media_id: int, pad_id: int):
+    """Left-padded tokens, mask, image_index; images [B, N, 1, H, W, C] with their mask."""
+    length = max(len(p) for p in prompts)
+    num_media = max(len(i) for i in images)
+    shape = images[0][0].shape
+    tokens = np.full((len(prompts), length), pad_id, np.int32)
+    mask = np.zeros((len(prompts), length), bool)
+    media = np.zeros((len(prompts), num_media, 1, *shape), np.float32)
+    image_mask = np.zeros((len(prompts), num_media), bool)
+    for row, (ids, row_images) in enumerate(zip(prompts, images, strict=True)):
+        tokens[row, length - len(ids) :], mask[row, length - len(ids) :] = ids, True
+        for slot, image in enumerate(row_images):
+            media[row, slot, 0], image_mask[row, slot] = image, True
+    index = np.where(mask, np.cumsum(tokens == media_id, axis=1) - 1, -1).astype(np.int32)
+    return tokens, mask, index, media, image_mask
+
+
+def postprocess(kind: str, text: str) -> str:
+    """Cut a generation where the model starts a new demonstration."""
+    text = re.split(r"Question|Answer|Output|Short|\n|<\|endofchunk\|>|<image>", text, maxsplit=1)[0]
+    return text.strip()
+
+
+class _Demonstrations:
+    """Chooses demonstration indices into the pool, never the query itself."""
+
+    def __init__(self, task: Task, selection: str, features=None):
+        self.task, self.selection = task, selection
+        self.pool_position = {example.id: i for i, example in enumerate(task.pool)}
+        self.rices = None
+        if selection == "rices":
+            pool_features, self.query_features = features
+            self.rices = Rices(pool_features)
+
+    def choose(self, query_position: int, query: Example, shots: int, rng) -> list[int]:
+        if shots > len(self.task.pool) - (query.id in self.pool_position):
+            raise ValueError(f"task {self.task.name!r}: {shots} shots but the pool has {len(self.task.pool)} examples")
+        if self.rices is not None and shots > 0:
+            exclude = [self.pool_position.get(query.id, -1)]
+            found = self.rices.find(self.query_features[query_position : query_position + 1], shots + 1)[0]
+            return [int(i) for i in found if i != exclude[0]][-shots:]
+        candidates = rng.permutation(len(self.task.pool))
+        return [int(i) for i in candidates if self.task.pool[i].id != query.id][:shots]
+
+
+def evaluate_task(model, tokenizer, task: Task, config: EvalConfig, *, image_size: int) -> dict:
+    """{'results': {shots: {metric: mean, metric + '_std': std, 'per_seed': [...]}},
+    'predictions': {shots: {seed: [{'id', 'prediction', ...}]}}} for one task."""
+    image_config = ImageConfig(image_size=image_size)
+    images = _ImageCache(image_config)
+    queries = task.queries[: config.num_queries]
+    pool_task = dataclasses.replace(task, pool=task.pool[: config.pool_size]) if config.pool_size else task
+    features = None
+    if config.selection == "rices":
+        pool_images = np.stack([images(e) for e in pool_task.pool])
+        query_images = np.stack([images(e) for e in queries])
+        features = (vision_features(model, pool_images), vision_features(model, query_images))
+    chooser = _Demonstrations(pool_task, config.selection, features)
+    class_tokens = [tokenizer.encode(" " + name + task.class_suffix) for name in task.class_names]
+    stops = (tokenizer.endofchunk_token_id,) + ((tokenizer.eos_id,) if tokenizer.eos_id is not None else ())
+    generate_config = GenerateConfig(config.max_new_tokens, config.num_beams, config.length_penalty, stops)
+    results, predictions = {}, {}
+    for shots in config.shots:
+        per_seed, by_seed = [], {}
+        for seed in config.seeds:
+            rng = np.random.default_rng((seed, shots))
+            rows = []
+            for start in tqdm.trange(
+                0, len(queries), config.batch_size, desc=f"{task.name} {shots}-shot seed {seed}", leave=False
+            ):
+                batch_queries = queries[start : start + config.batch_size]
+                prompts, batch_images = [], []
+                for offset, query in enumerate(batch_queries):
+                    text_only = shots == 0
+                    chosen = chooser.choose(start + offset, query, 2 if text_only else shots, rng)
+                    demos = [pool_task.pool[i] for i in chosen]
+                    prompt = build_prompt(task, demos, query, text_only=text_only, rng=rng)
+                    prompts.append(tokenizer.encode(prompt))
+                    batch_images.append(([] if text_only else [images(d) for d in demos]) + [images(query)])
+                tokens, mask, index, media, image_mask = _batch(
+                    prompts, batch_images, tokenizer.media_token_id, tokenizer.pad_id
+                )
+                if task.kind in ("classification", "binary"):
+                    scores = class_log_likelihoods(
+                        model, tokens, index, image_mask, media, class_tokens, input_mask=mask
+                    )
+                    for query, row in zip(batch_queries, scores, strict=True):
+                        rows.append(
+                            {
+                                "id": query.id,
+                                "label": query.label,
+                                "scores": row.tolist(),
+                                "prediction": task.class_names[int(np.argmax(row))],
+                            }
+                        )
+                else:
+                    out = generate(
+                        model,
+                        tokens,
+                        index,
+                        image_mask,
+                        media,
+                        input_mask=mask,
+                        config=generate_config,
+                        pad_id=tokenizer.pad_id,
+                        eos_id=tokenizer.eos_id,
+                    )
+                    for query, ids, length in zip(batch_queries, out.tokens, out.lengths, strict=True):
+                        text = tokenizer.decode(ids[:length], skip_special=False)
+                        rows.append(
+                            {
+                                "id": query.id,
+                                "prediction": postprocess(task.kind, text),
+                                "raw": text,
+                                "answers": query.answers,
+                            }
+                        )
+            value = _metric(task, queries, rows)
+            per_seed.append(value)
+            by_seed[seed] = rows
+        name = _METRIC_NAMES[task.kind]
+        results[shots] = {
+            **{key: float(np.mean([v[key] for v in per_seed])) for key in per_seed[0]},
+            **{f"{key}_std": float(np.std([v[key] for v in per_seed])) for key in per_seed[0]},
+            "per_seed": per_seed,
+            "metric": name,
+        }
+        predictions[shots] = by_seed
+        log.info(
+            "%s %d-shot: %s = %.2f ± %.2f", task.name, shots, name, results[shots][name], results[shots][f"{name}_std"]
+        )
+    return {"results": results, "predictions": predictions}
+
+
+_METRIC_NAMES = {"captioning": "CIDEr", "vqa": "accuracy", "classification": "accuracy", "binary": "roc_auc"}
+
+
+def _metric(task: Task, queries: list[Example], rows: list[dict]) -> dict[str, float]:
+    """The task's metric(s) in percent (CIDEr x100 as the papers report it)."""
+    if task.kind == "classification":
+        return {"accuracy": 100.0 * float(np.mean([r["prediction"] == task.class_names[r["label"]] for r in rows]))}
+    if task.kind == "binary":
+        scores = np.asarray([r["scores"] for r in rows])
+        positive = scores[:, 1] - np.logaddexp(scores[:, 0], scores[:, 1])
+        return {"roc_auc": 100.0 * metrics.roc_auc(positive, [r["label"] for r in rows])}
+    if task.kind == "vqa":
+        return {
+            "accuracy": 100.0
+            * float(
+                np.mean([metrics.vqa_accuracy(r["prediction"], q.answers) for r, q in zip(rows, queries, strict=True)])
+            )
+        }
+    scores = metrics.caption_scores({r["id"]: r["prediction"] for r in rows}, {q.id: q.answers for q in queries})
+    return {"CIDEr": 100.0 * scores["CIDEr"], "BLEU-4": 100.0 * scores["BLEU-4"]}

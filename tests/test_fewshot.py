@@ -1,0 +1,86 @@
+"""The few-shot protocol end to end on a tiny model: prompts, demonstration choice (random and
+RICES, never the query), every task kind's metric, seeds, saved predictions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from flamingo_jax import configs
+from flamingo_jax.evaluation import fewshot
+from flamingo_jax.evaluation.tasks import Example, Task
+from flamingo_jax.models.flamingo import create_flamingo
+from flamingo_jax.tokenizer import Tokenizer
+
+from conftest import set_gates
+
+TOKENIZER = Tokenizer.from_bytes()
+
+
+@pytest.fixture(scope="module")
+def model():
+    config = configs.load_model_config("models/tiny.gin", ["LlamaConfig.vocab_size = 259"])
+    model = create_flamingo(config, seed=0)
+    set_gates(model, 0.5)
+    return model
+
+
+def _examples(count, prefix="e"):
+    rng = np.random.default_rng(len(prefix))
+    return [
+        Example(
+            f"{prefix}{i}",
+            rng.integers(0, 255, (20, 20, 3), dtype=np.uint8),
+            answers=[f"thing {i % 3}", f"object {i % 3}"],
+            question="What is it?",
+            label=i % 2,
+            text="hello",
+        )
+        for i in range(count)
+    ]
+
+
+def test_prompt_layout():
+    task = Task("t", "vqa", _examples(3), _examples(3))
+    rng = np.random.default_rng(0)
+    prompt = fewshot.build_prompt(task, task.pool[:2], task.queries[2], text_only=False, rng=rng)
+    assert prompt.count("<image>") == 3 and prompt.count("<|endofchunk|>") == 2
+    assert prompt.endswith("<image>Question:What is it? Short answer:")
+    zero = fewshot.build_prompt(task, task.pool[:2], task.queries[2], text_only=True, rng=rng)
+    assert zero.count("<image>") == 1 and zero.startswith("Question:What is it? Short answer: ")
+
+
+@pytest.mark.parametrize("kind", ["captioning", "vqa", "classification", "binary"])
+def test_every_kind_end_to_end(model, kind):
+    examples = _examples(6)
+    classes = ("no", "yes") if kind == "binary" else ("cat", "dog")
+    task = Task("t", kind, examples, examples, class_names=classes if kind in ("classification", "binary") else ())
+    config = fewshot.EvalConfig(
+        tasks=(), shots=(0, 2), seeds=(0, 1), num_queries=6, batch_size=4, max_new_tokens=4, num_beams=2
+    )
+    out = fewshot.evaluate_task(model, TOKENIZER, task, config, image_size=16)
+    metric = {"captioning": "CIDEr", "vqa": "accuracy", "classification": "accuracy", "binary": "roc_auc"}[kind]
+    for shots in (0, 2):
+        result = out["results"][shots]
+        assert result["metric"] == metric and 0.0 <= result[metric] <= 1000.0
+        assert len(result["per_seed"]) == 2 and result[f"{metric}_std"] >= 0
+        for seed in (0, 1):
+            rows = out["predictions"][shots][seed]
+            assert [r["id"] for r in rows] == [e.id for e in examples]
+    again = fewshot.evaluate_task(model, TOKENIZER, task, config, image_size=16)
+    assert again["results"] == out["results"]  # deterministic given the seeds
+
+
+def test_demonstrations_never_include_the_query_and_rices_picks_nearest():
+    pool = _examples(5)
+    task = Task("t", "captioning", pool, pool)
+    chooser = fewshot._Demonstrations(task, "random")  # noqa: SLF001
+    for position, query in enumerate(pool):
+        chosen = chooser.choose(position, query, 4, np.random.default_rng(position))
+        assert position not in chosen and len(set(chosen)) == 4
+    with pytest.raises(ValueError, match="5 shots but the pool has 5"):
+        chooser.choose(0, pool[0], 5, np.random.default_rng(0))
+    features = np.eye(5) + 0.1 * np.asarray([[0, 1, 0.5, 0, 0]] * 5)
+    rices = fewshot._Demonstrations(task, "rices", (features, features))  # noqa: SLF001
+    # Query 0 is most similar to itself (excluded), then to pool 1, then pool 2.
+    assert rices.choose(0, pool[0], 2, None) == [2, 1]
