@@ -47,6 +47,11 @@ class Checkpointer:
         )
         return self.manager.restore(step, args=args)["state"]
 
+    def restore_state(self, step: int, abstract_state):
+        """Restores only the run state (no data iterator): what evaluation needs."""
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
+        return self.manager.restore(step, args=args)["state"]
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 

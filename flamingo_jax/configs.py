@@ -14,6 +14,7 @@ import gin
 
 from flamingo_jax.data.mixture import DatasetConfig
 from flamingo_jax.data.synthetic import SyntheticConfig
+from flamingo_jax.evaluation.fewshot import EvalConfig
 from flamingo_jax.models.flamingo import FlamingoConfig
 from flamingo_jax.models.llama import LlamaConfig
 from flamingo_jax.models.nfnet import NFNetConfig
@@ -37,6 +38,7 @@ _CONFIG_CLASSES = (
     RunConfig,
     DatasetConfig,
     SyntheticConfig,
+    EvalConfig,
 )
 CONFIGURABLES = {cls.__name__: gin.external_configurable(cls, module="flamingo_jax") for cls in _CONFIG_CLASSES}
 
@@ -95,6 +97,12 @@ def run_config() -> RunConfig:
     """The RunConfig the current gin bindings describe (lists become tuples: configs are hashable)."""
     config = CONFIGURABLES["RunConfig"]()
     return dataclasses.replace(config, datasets=tuple(config.datasets))
+
+
+def eval_config() -> EvalConfig:
+    """The EvalConfig the current gin bindings describe (lists become tuples)."""
+    config = CONFIGURABLES["EvalConfig"]()
+    return dataclasses.replace(config, tasks=tuple(config.tasks), shots=tuple(config.shots), seeds=tuple(config.seeds))
 
 
 def operative_config(gin_files: Sequence[str], bindings: Sequence[str]) -> str:

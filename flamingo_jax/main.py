@@ -3,6 +3,9 @@
 Writes the operative config to ``DIR/config.gin`` and trains; restarted with the same command, a
 run resumes from the latest checkpoint in ``DIR``. Under several processes (a TPU pod, or
 ``launch/local.py`` here) every process runs this same command.
+
+``--mode=eval`` (with the run's gin files plus an ``EvalConfig``, e.g. ``runs/eval_offline.gin``)
+evaluates the latest checkpoint in ``DIR`` few-shot and writes ``DIR/eval/<task>_<step>.json``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from flamingo_jax import configs
 
 _GIN_FILE = flags.DEFINE_multi_string("gin_file", [], "Run gin file(s); searched in experiments/ too.")
 _GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "Extra gin bindings; also spelled --gin.KEY=VALUE.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "Train, or evaluate the run's checkpoint.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: config, metrics, checkpoints.")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of JAX processes.")
@@ -51,11 +55,22 @@ def main(argv) -> None:
     try:
         configs.parse_gin(_GIN_FILE.value, _GIN_BINDINGS.value)
         run_config = configs.run_config()
+        eval_config = configs.eval_config() if _MODE.value == "eval" else None
     except (ValueError, TypeError, FileNotFoundError) as error:
         sys.exit(f"flamingo_jax.main: configuration error: {error}")
     initialize_distributed()
     workdir = os.path.abspath(_WORKDIR.value)
     os.makedirs(workdir, exist_ok=True)
+    if _MODE.value == "eval":
+        from flamingo_jax import evaluate
+
+        try:
+            written = evaluate.evaluate(run_config, eval_config, workdir)
+        except (ValueError, FileNotFoundError) as error:
+            sys.exit(f"flamingo_jax.main: {error}")
+        for path in written.values():
+            logging.getLogger("flamingo_jax").info("wrote %s", path)
+        return
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.gin"), "w") as f:
             f.write(configs.operative_config(_GIN_FILE.value, _GIN_BINDINGS.value))

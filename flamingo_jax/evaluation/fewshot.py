@@ -88,9 +88,16 @@ def build_prompt(task: Task, demos: list[Example], query: Example, *, text_only:
     return "".join(parts)
 
 
-def _batch(prompts: list[list[int]], images: list[list[np.ndarray]], media_id: int, pad_id: int):
-    """Left-padded tokens, mask, image_index; images [B, N, 1, H, W, C] with their mask."""
-    length = max(len(p) for p in prompts)
+LENGTH_BUCKET = 32  # prompt lengths are rounded up to a multiple: few shapes, few compilations
+
+
+def _batch(prompts: list[list[int]], images: list[list[np.ndarray]], media_id: int, pad_id: int, rows: int):
+    """Left-padded tokens, mask, image_index; images [B, N, 1, H, W, C] with their mask. The
+    batch is filled up to ``rows`` with copies of its last prompt (results dropped), so every
+    batch of a (task, shots) has one shape and compiles once."""
+    prompts = prompts + [prompts[-1]] * (rows - len(prompts))
+    images = images + [images[-1]] * (rows - len(images))
+    length = -(-max(len(p) for p in prompts) // LENGTH_BUCKET) * LENGTH_BUCKET
     num_media = max(len(i) for i in images)
     shape = images[0][0].shape
     tokens = np.full((len(prompts), length), pad_id, np.int32)
@@ -168,13 +175,13 @@ def evaluate_task(model, tokenizer, task: Task, config: EvalConfig, *, image_siz
                     prompts.append(tokenizer.encode(prompt))
                     batch_images.append(([] if text_only else [images(d) for d in demos]) + [images(query)])
                 tokens, mask, index, media, image_mask = _batch(
-                    prompts, batch_images, tokenizer.media_token_id, tokenizer.pad_id
+                    prompts, batch_images, tokenizer.media_token_id, tokenizer.pad_id, config.batch_size
                 )
                 if task.kind in ("classification", "binary"):
                     scores = class_log_likelihoods(
                         model, tokens, index, image_mask, media, class_tokens, input_mask=mask
                     )
-                    for query, row in zip(batch_queries, scores, strict=True):
+                    for query, row in zip(batch_queries, scores[: len(batch_queries)], strict=True):
                         rows.append(
                             {
                                 "id": query.id,
@@ -195,7 +202,7 @@ def evaluate_task(model, tokenizer, task: Task, config: EvalConfig, *, image_siz
                         pad_id=tokenizer.pad_id,
                         eos_id=tokenizer.eos_id,
                     )
-                    for query, ids, length in zip(batch_queries, out.tokens, out.lengths, strict=True):
+                    for query, ids, length in zip(batch_queries, out.tokens, out.lengths, strict=False):
                         text = tokenizer.decode(ids[:length], skip_special=False)
                         rows.append(
                             {

@@ -1,0 +1,93 @@
+"""Evaluation of a run's checkpoint: ``python -m flamingo_jax.main --mode=eval ...``.
+
+Builds the run's model exactly as training does (same gin files), restores the trainable
+parameters of the latest checkpoint in ``DIR/checkpoints`` (or ``EvalConfig.checkpoint_step``;
+0 evaluates the initialisation, gates at 0), runs every task of the ``EvalConfig`` with the few-shot
+protocol and writes ``DIR/eval/<task>_<step>.json`` (metrics, the config, every prediction).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import logging
+import os
+
+import jax
+
+from flamingo_jax import checkpointing, sharding, train
+from flamingo_jax.evaluation import fewshot, tasks
+
+log = logging.getLogger(__name__)
+
+
+def load_model(run_config: train.RunConfig, workdir: str, step: int | None):
+    """(model, step) with the parameters of ``step`` (None: latest; 0: initialisation)."""
+    mesh = sharding.create_mesh(run_config.mesh)
+    training = train.build_training(run_config, mesh)
+    if step != 0:
+        checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+        try:
+            available = list(checkpointer.manager.all_steps())
+            if step is None:
+                step = checkpointer.latest_step()
+            if step is None or step not in available:
+                raise FileNotFoundError(
+                    f"no checkpoint {'at all' if step is None else f'at step {step}'} in {workdir}/checkpoints "
+                    f"(available: {sorted(available)}); EvalConfig.checkpoint_step=0 evaluates the initialisation"
+                )
+            training.state = checkpointer.restore_state(step, training.abstract_state())
+        finally:
+            checkpointer.close()
+    model = train.merge_model(training.graphdef, training.state.params, training.frozen)
+    return model, step, mesh, training.rules
+
+
+def make_task(name: str, config: fewshot.EvalConfig) -> tasks.Task:
+    if name not in tasks.OFFLINE_TASKS:
+        raise ValueError(f"EvalConfig.tasks: unknown task {name!r}; available: {sorted(tasks.OFFLINE_TASKS)}")
+    factory = tasks.OFFLINE_TASKS[name]
+    accepted = inspect.signature(factory).parameters
+    options = {"num_queries": config.num_queries, "pool_size": config.pool_size}
+    return factory(**{key: value for key, value in options.items() if key in accepted})
+
+
+def evaluate(run_config: train.RunConfig, eval_config: fewshot.EvalConfig, workdir: str) -> dict[str, str]:
+    """Runs the evaluation; returns {task: path of its JSON}."""
+    from flamingo_jax.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(run_config.tokenizer)
+    if tokenizer.base_vocab_size != run_config.model.lm.vocab_size:
+        raise ValueError(
+            f"RunConfig.tokenizer={run_config.tokenizer!r} has {tokenizer.base_vocab_size} base tokens but "
+            f"LlamaConfig.vocab_size is {run_config.model.lm.vocab_size}"
+        )
+    model, step, mesh, rules = load_model(run_config, workdir, eval_config.checkpoint_step)
+    image_size = getattr(run_config.model.vision, "image_size", 224)
+    out_dir = os.path.join(workdir, "eval")
+    os.makedirs(out_dir, exist_ok=True)
+    written = {}
+    for name in eval_config.tasks:
+        task = make_task(name, eval_config)
+        with sharding.activation_sharding(mesh, rules):
+            result = fewshot.evaluate_task(model, tokenizer, task, eval_config, image_size=image_size)
+        record = {"task": name, "kind": task.kind, "step": step, "config": dataclasses.asdict(eval_config), **result}
+        path = os.path.join(out_dir, f"{name}_{step}.json")
+        if jax.process_index() == 0:
+            with open(path + ".tmp", "w") as f:
+                json.dump(record, f, indent=1)
+            os.replace(path + ".tmp", path)  # never a half-written file
+        for shots, values in result["results"].items():
+            metric = values["metric"]
+            log.info(
+                "%s step %d, %d-shot: %s %.2f ± %.2f",
+                name,
+                step,
+                shots,
+                metric,
+                values[metric],
+                values[f"{metric}_std"],
+            )
+        written[name] = path
+    return written
