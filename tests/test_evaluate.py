@@ -67,3 +67,40 @@ def test_eval_mode_writes_results_and_predictions(trained):
     assert result.returncode != 0 and "no checkpoint at step 3" in result.stderr and "available: [4]" in result.stderr
     result = run_main(trained, "eval", *EVAL_BINDINGS, "EvalConfig.tasks=['imagenet']", gin_files=files)
     assert result.returncode != 0 and "unknown task 'imagenet'" in result.stderr
+
+
+NOTEBOOK = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks", "evaluate_checkpoint.ipynb"
+)
+
+
+def test_notebook_runs_headless_on_the_workdir(trained, monkeypatch):
+    """The checkpoint-evaluation notebook, executed by a real Jupyter kernel against the smoke
+    run: no error, and its two figures (prediction grid, training curves) are produced."""
+    import nbclient
+    import nbformat
+
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")  # stored clean
+    monkeypatch.setenv("FLAMINGO_WORKDIR", str(trained))
+    monkeypatch.setenv("FLAMINGO_TASK", "skimage_captions")
+    monkeypatch.setenv("FLAMINGO_SHOTS", "2")
+    monkeypatch.setenv("FLAMINGO_QUERIES", "4")
+    monkeypatch.setenv("XLA_FLAGS", "")  # one device in the kernel is enough
+    client = nbclient.NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(trained)}}
+    )
+    client.execute()
+    images = [
+        output
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.outputs
+        if "image/png" in output.get("data", {})
+    ]
+    assert len(images) == 2
+    for name in ("predictions.png", "training.png"):
+        path = os.path.join(trained, "eval", "notebook", name)
+        assert os.path.getsize(path) > 5000
+    text = "".join(o.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs)
+    assert "checkpoint at step 4" in text and "skimage_captions, 2-shot: CIDEr =" in text
