@@ -84,3 +84,52 @@ def test_demonstrations_never_include_the_query_and_rices_picks_nearest():
     rices = fewshot._Demonstrations(task, "rices", (features, features))  # noqa: SLF001
     # Query 0 is most similar to itself (excluded), then to pool 1, then pool 2.
     assert rices.choose(0, pool[0], 2, None) == [2, 1]
+
+
+def test_dataset_readers(tmp_path):
+    """COCO Karpathy JSON, VQAv2 question/annotation JSON and HatefulMemes jsonl, read from
+    files in their published layouts."""
+    import json
+
+    from flamingo_jax.evaluation import tasks
+
+    from conftest import encoded_image
+
+    (tmp_path / "val2014").mkdir()
+    for image_id in (1, 2):
+        (tmp_path / "val2014" / f"COCO_val2014_{image_id:012d}.jpg").write_bytes(encoded_image((image_id * 60, 0, 0)))
+    karpathy = {
+        "images": [
+            {"filepath": "val2014", "filename": "COCO_val2014_000000000001.jpg", "split": "test", "cocoid": 1,
+             "sentences": [{"raw": "A red thing. "}, {"raw": "Something red."}]},
+            {"filepath": "val2014", "filename": "COCO_val2014_000000000002.jpg", "split": "restval", "cocoid": 2,
+             "sentences": [{"raw": "A darker red thing."}]},
+        ]
+    }  # fmt: skip
+    (tmp_path / "dataset_coco.json").write_text(json.dumps(karpathy))
+    coco = tasks.read_karpathy(str(tmp_path / "dataset_coco.json"), str(tmp_path))
+    assert [e.id for e in coco.queries] == ["1"] and [e.id for e in coco.pool] == ["2"]
+    assert coco.queries[0].answers == ["A red thing.", "Something red."]
+    assert coco.queries[0].load_image().shape == (20, 24, 3)
+
+    questions = {"questions": [{"image_id": 2, "question": "What colour?", "question_id": 20}]}
+    annotations = {"annotations": [{"question_id": 20, "answers": [{"answer": "red"}] * 9 + [{"answer": "maroon"}]}]}
+    (tmp_path / "q.json").write_text(json.dumps(questions))
+    (tmp_path / "a.json").write_text(json.dumps(annotations))
+    vqa = tasks.read_vqav2(str(tmp_path / "q.json"), str(tmp_path / "a.json"), str(tmp_path / "val2014"))
+    query = vqa.queries[0]
+    assert query.question == "What colour?" and query.answers.count("red") == 9 and query.load_image().shape[2] == 3
+    assert vqa.demo_answer(query, np.random.default_rng(0)) == " red"
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "01.png").write_bytes(encoded_image((0, 0, 200), fmt="PNG"))
+    lines = [
+        {"id": 1, "img": "img/01.png", "label": 1, "text": "a meme"},
+        {"id": 2, "img": "img/01.png", "label": 0, "text": "b"},
+    ]
+    (tmp_path / "dev.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    memes = tasks.read_hateful_memes(str(tmp_path / "dev.jsonl"), str(tmp_path))
+    assert memes.kind == "binary" and [e.label for e in memes.queries] == [1, 0] and memes.queries[0].text == "a meme"
+    (tmp_path / "bad.jsonl").write_text('{"id": 3}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1: not a HatefulMemes record"):
+        tasks.read_hateful_memes(str(tmp_path / "bad.jsonl"), str(tmp_path))
