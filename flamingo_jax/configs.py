@@ -15,6 +15,7 @@ import gin
 from flamingo_jax.data.mixture import DatasetConfig
 from flamingo_jax.data.synthetic import SyntheticConfig
 from flamingo_jax.evaluation.fewshot import EvalConfig
+from flamingo_jax.models.efficientnet import EfficientNetConfig
 from flamingo_jax.models.flamingo import FlamingoConfig
 from flamingo_jax.models.llama import LlamaConfig
 from flamingo_jax.models.nfnet import NFNetConfig
@@ -30,6 +31,7 @@ _CONFIG_CLASSES = (
     FlamingoConfig,
     LlamaConfig,
     NFNetConfig,
+    EfficientNetConfig,
     ResamplerConfig,
     ViTConfig,
     XAttnConfig,

@@ -17,6 +17,7 @@ import os
 import jax
 
 from flamingo_jax import checkpointing, sharding, train
+from flamingo_jax.data.images import image_config_for
 from flamingo_jax.evaluation import fewshot, tasks
 
 log = logging.getLogger(__name__)
@@ -64,14 +65,14 @@ def evaluate(run_config: train.RunConfig, eval_config: fewshot.EvalConfig, workd
             f"LlamaConfig.vocab_size is {run_config.model.lm.vocab_size}"
         )
     model, step, mesh, rules = load_model(run_config, workdir, eval_config.checkpoint_step)
-    image_size = getattr(run_config.model.vision, "image_size", 224)
+    image_config = image_config_for(run_config.model.vision)
     out_dir = os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
     written = {}
     for name in eval_config.tasks:
         task = make_task(name, eval_config)
         with sharding.activation_sharding(mesh, rules):
-            result = fewshot.evaluate_task(model, tokenizer, task, eval_config, image_size=image_size)
+            result = fewshot.evaluate_task(model, tokenizer, task, eval_config, image_config=image_config)
         record = {"task": name, "kind": task.kind, "step": step, "config": dataclasses.asdict(eval_config), **result}
         path = os.path.join(out_dir, f"{name}_{step}.json")
         if jax.process_index() == 0:

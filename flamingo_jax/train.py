@@ -332,6 +332,7 @@ def train(config: RunConfig, workdir: str) -> dict:
     whether the run stopped early for preemption."""
     from flamingo_jax import checkpointing, flops, metrics
     from flamingo_jax.data import mixture
+    from flamingo_jax.data.images import image_config_for
 
     mesh = sharding.create_mesh(config.mesh)
     training = build_training(config, mesh)
@@ -359,6 +360,7 @@ def train(config: RunConfig, workdir: str) -> dict:
         process_count=jax.process_count(),
         tokenizer=tokenizer,
         image_size=getattr(model_config.vision, "image_size", 224),
+        image_config=image_config_for(model_config.vision),
         strategy=config.mixture_strategy,
     )
     iterator = mixture.mixture_iterator(dataset, workers=config.data_workers)

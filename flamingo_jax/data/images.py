@@ -80,6 +80,18 @@ class ImageConfig:
     std: tuple[float, float, float] = CLIP_STD
 
 
+def image_config_for(vision_config, **overrides) -> ImageConfig:
+    """The preprocessing a vision encoder expects: its input size and pixel normalisation
+    (``pixel_mean`` / ``pixel_std`` of its config; CLIP's when it names none)."""
+    values = dict(
+        image_size=getattr(vision_config, "image_size", 224),
+        mean=tuple(getattr(vision_config, "pixel_mean", CLIP_MEAN)),
+        std=tuple(getattr(vision_config, "pixel_std", CLIP_STD)),
+    )
+    values.update(overrides)
+    return ImageConfig(**values)
+
+
 def _crop_box(height, width, config: ImageConfig, rng) -> tuple[int, int, int, int]:
     if rng is not None and config.random_resized_crop:
         area = height * width

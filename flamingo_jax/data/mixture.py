@@ -144,16 +144,14 @@ def _prepared_source(config: DatasetConfig):
     return builder.as_data_source(config.split)
 
 
-def _real_examples(config: DatasetConfig, tokenizer, image_size: int, seed: int):
+def _real_examples(config: DatasetConfig, tokenizer, image_config, seed: int):
     """Random-access examples of a real source; bad records are skipped (reasons carried)."""
     from flamingo_jax.data import builders, records
-    from flamingo_jax.data.images import ImageConfig
 
     if tokenizer is None:
         raise ValueError(
             f"DatasetConfig {config.name!r}: source {config.source!r} needs a tokenizer (RunConfig.tokenizer)"
         )
-    image_config = ImageConfig(image_size=image_size)
     kind = builders.KINDS[config.source]
     if kind == "pairs":
         converter = records.PairConverter(tokenizer, image_config, config.length, train=config.augment)
@@ -177,6 +175,7 @@ def dataset_stream(
     process_count: int,
     tokenizer=None,
     image_size: int = 224,
+    image_config=None,
 ) -> grain.MapDataset:
     """This process's part of each global batch of one dataset, indexed by step (infinite,
     reshuffled each epoch).
@@ -200,7 +199,9 @@ def dataset_stream(
         )
         size = config.num_examples
     else:
-        examples = _real_examples(config, tokenizer, image_size, seed)
+        from flamingo_jax.data.images import ImageConfig
+
+        examples = _real_examples(config, tokenizer, image_config or ImageConfig(image_size=image_size), seed)
         make, size = examples.__getitem__, len(examples)
     local = config.batch_size // process_count
     first = process_index * local
@@ -278,6 +279,7 @@ def mixture_dataset(
     process_count: int = 1,
     tokenizer=None,
     image_size: int = 224,
+    image_config=None,
     strategy: str = "accumulate",
 ) -> grain.MapDataset:
     """{name: this process's rows of the step's batch}, indexed by step.
@@ -287,7 +289,8 @@ def mixture_dataset(
     holds the batch of one dataset, drawn with probability proportional to ``loss_weight`` (the
     alternative the paper compares against). Each batch carries its skipped-record counts under
     ``records.SKIPPED``; ``MixtureIterator`` takes them out. Real sources need the
-    ``tokenizer`` and the model's ``image_size``.
+    ``tokenizer`` and the model's ``image_size`` (or a full ``image_config``: size and pixel
+    normalisation, see ``images.image_config_for``).
     """
     names = [config.name for config in datasets]
     if len(set(names)) != len(names) or not names:
@@ -303,6 +306,7 @@ def mixture_dataset(
             process_count=process_count,
             tokenizer=tokenizer,
             image_size=image_size,
+            image_config=image_config,
         )
         for position, config in enumerate(datasets)
     }

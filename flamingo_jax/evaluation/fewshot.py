@@ -140,10 +140,12 @@ class _Demonstrations:
         return [int(i) for i in candidates if self.task.pool[i].id != query.id][:shots]
 
 
-def evaluate_task(model, tokenizer, task: Task, config: EvalConfig, *, image_size: int) -> dict:
+def evaluate_task(
+    model, tokenizer, task: Task, config: EvalConfig, *, image_size: int = 224, image_config: ImageConfig | None = None
+) -> dict:
     """{'results': {shots: {metric: mean, metric + '_std': std, 'per_seed': [...]}},
     'predictions': {shots: {seed: [{'id', 'prediction', ...}]}}} for one task."""
-    image_config = ImageConfig(image_size=image_size)
+    image_config = image_config or ImageConfig(image_size=image_size)
     images = _ImageCache(image_config)
     queries = task.queries[: config.num_queries]
     pool_task = dataclasses.replace(task, pool=task.pool[: config.pool_size]) if config.pool_size else task

@@ -11,13 +11,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flamingo_jax.models.efficientnet import EfficientNet, EfficientNetConfig
 from flamingo_jax.models.llama import KVCache, LlamaConfig, LlamaLM
 from flamingo_jax.models.nfnet import NFNet, NFNetConfig
 from flamingo_jax.models.resampler import PerceiverResampler, ResamplerConfig
 from flamingo_jax.models.vit import ViT, ViTConfig
 from flamingo_jax.models.xattn import GatedCrossAttentionBlock, XAttnConfig, media_attention_mask
 
-VisionConfig = ViTConfig | NFNetConfig
+VisionConfig = ViTConfig | NFNetConfig | EfficientNetConfig
 
 # Top-level module names that hold trainable parameters; everything else is frozen.
 TRAINABLE_GROUPS = ("resampler", "xattn_layers", "new_tokens")
@@ -72,6 +73,8 @@ def build_vision_encoder(config: VisionConfig, *, rngs: nnx.Rngs) -> nnx.Module:
         return ViT(config, rngs=rngs)
     if isinstance(config, NFNetConfig):
         return NFNet(config, rngs=rngs)
+    if isinstance(config, EfficientNetConfig):
+        return EfficientNet(config, rngs=rngs)
     raise TypeError(f"unsupported vision config type {type(config).__name__}")
 
 

