@@ -60,3 +60,34 @@ def test_wrong_checkpoint_is_a_clear_error(lite0, tmp_path):
     torch.save({"_conv_stem.weight": torch.zeros(8, 3, 3, 3)}, tmp_path / "bad.pth")
     with pytest.raises(KeyError, match="_bn0.weight"):
         load_lite0(lite0, str(tmp_path / "bad.pth"))
+
+
+def test_torch_free_reader_matches_torch_load(tmp_path):
+    """Both serialisations (the legacy stream of the Lite0 file, the zip format of current
+    torch.save) read bit-identically to torch.load, views and transposes included; code objects
+    in a pickle are refused."""
+    import torch
+
+    from flamingo_jax.importers.efficientnet import lite0_weights_path
+    from flamingo_jax.importers.torch_pickle import load_state_dict
+
+    path = lite0_weights_path()
+    reference = torch.load(path, map_location="cpu", weights_only=True)
+    ours = load_state_dict(path)
+    assert set(ours) == set(reference)
+    for key, value in reference.items():
+        np.testing.assert_array_equal(ours[key], value.numpy())
+    state = {
+        "matrix": torch.randn(3, 4),
+        "view": torch.arange(10)[2:8],
+        "transposed": torch.randn(4, 3).t(),
+        "scalar": torch.tensor(3.5),
+        "half": torch.randn(2, 2).half(),
+    }
+    torch.save(state, tmp_path / "zip.pth")
+    ours = load_state_dict(str(tmp_path / "zip.pth"))
+    for key, value in state.items():
+        np.testing.assert_array_equal(ours[key], value.numpy())
+    torch.save({"bad": print}, tmp_path / "code.pth")
+    with pytest.raises(Exception, match=r"refusing to load (__builtin__|builtins)\.print"):
+        load_state_dict(str(tmp_path / "code.pth"))

