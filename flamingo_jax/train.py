@@ -220,6 +220,11 @@ class RunConfig:
     keep_checkpoints: int = 3
     seed: int = 0
     init_from: str | None = None
+    # Pretrained sources loaded at the start of every run (and resume), as in
+    # importers.pretrained.pretrained_params: e.g. {'lm': 'smollm2', 'vision_efficientnet': 'lite0'}.
+    pretrained: dict = dataclasses.field(default_factory=dict)
+    # Evaluate (the EvalConfig) and write DIR/eval/report.md when training finishes.
+    evaluate_at_end: bool = False
     async_checkpointing: bool = True
     tokenizer: str = "bytes"
     mixture_strategy: str = "accumulate"
@@ -307,6 +312,18 @@ def build_training(config: RunConfig, mesh) -> Training:
         trainable = {key: loaded.get(key, value).astype(value.dtype) for key, value in trainable.items()}
         frozen = {key: loaded.get(key, value).astype(value.dtype) for key, value in frozen.items()}
         log.info("init_from %s: loaded %d parameter arrays", config.init_from, len(loaded))
+    if config.pretrained:
+        from flamingo_jax.importers.pretrained import pretrained_params
+
+        loaded = pretrained_params(config.model, **config.pretrained)
+
+        def put(key, value):  # every process holds the file: each fills its own shards
+            array = jnp.asarray(loaded[key]).astype(value.dtype)
+            return jax.make_array_from_callback(value.shape, value.sharding, lambda index: array[index])
+
+        trainable = {key: put(key, value) if key in loaded else value for key, value in trainable.items()}
+        frozen = {key: put(key, value) if key in loaded else value for key, value in frozen.items()}
+        log.info("pretrained %s: loaded %d parameter arrays", config.pretrained, len(loaded))
 
     tx = make_optimizer(config.optimizer)
     param_shardings = {key: value.sharding for key, value in trainable.items()}

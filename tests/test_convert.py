@@ -38,9 +38,15 @@ def _tiny_hf_llama(directory, vocab=128, width=64):
 
 
 def test_convert_cli_output_loads_as_init_from(tmp_path):
-    _tiny_hf_llama(tmp_path / "hf")
+    _tiny_hf_llama(tmp_path / "hf", vocab=259)  # the smoke run's (byte tokenizer's) vocabulary
     output = tmp_path / "converted"
-    command = [sys.executable, "-m", "flamingo_jax.tools.convert", "--gin_file=models/tiny.gin"]
+    command = [
+        sys.executable,
+        "-m",
+        "flamingo_jax.tools.convert",
+        "--gin_file=models/tiny.gin",
+        "--gin_bindings=LlamaConfig.vocab_size=259",
+    ]
     result = subprocess.run(command + [f"--lm={tmp_path / 'hf'}", f"--output={output}"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "wrote" in result.stdout
@@ -50,6 +56,9 @@ def test_convert_cli_output_loads_as_init_from(tmp_path):
     _, expected = llama.load_hf_llama(str(tmp_path / "hf"))
     for key, value in expected.items():
         np.testing.assert_array_equal(np.asarray(training.frozen[f"lm/{key}"]), value, err_msg=key)
+    # The new rows start from the LM: <image> as the mean input embedding.
+    new_rows = np.asarray(training.state.params["new_tokens/embed"])
+    np.testing.assert_allclose(new_rows[0], expected["embed"].mean(axis=0), rtol=1e-5, atol=1e-7)
 
 
 def test_convert_rejects_mismatched_weights(tmp_path):

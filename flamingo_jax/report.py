@@ -1,0 +1,92 @@
+"""A short human-readable report of a run's evaluations: ``DIR/eval/report.md`` (every task's
+metric per shot count, for each evaluated step, e.g. the trained model next to its
+initialisation) and ``DIR/eval/report.png`` (images with what the model generated or chose)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import numpy as np
+
+
+def _records(workdir: str) -> list[dict]:
+    records = []
+    for path in sorted(glob.glob(os.path.join(workdir, "eval", "*_*.json"))):
+        with open(path) as f:
+            record = json.load(f)
+        if "results" in record and "task" in record:
+            records.append(record)
+    return records
+
+
+def write_report(workdir: str, *, wall_time_s: float | None = None, images_per_task: int = 8) -> str:
+    """Writes the report files; returns the markdown text."""
+    records = _records(workdir)
+    if not records:
+        raise FileNotFoundError(f"no evaluation results in {workdir}/eval")
+    lines = [f"# Evaluation of {workdir}", ""]
+    if wall_time_s is not None:
+        lines += [f"Wall time (train + evaluate): {wall_time_s / 60:.1f} min", ""]
+    lines += [
+        "| task | step | metric | "
+        + " | ".join(f"{s}-shot" for s in sorted({int(k) for r in records for k in r["results"]}))
+        + " |"
+    ]
+    all_shots = sorted({int(k) for r in records for k in r["results"]})
+    lines.append("|---|---|---|" + "---|" * len(all_shots))
+    for record in sorted(records, key=lambda r: (r["task"], r["step"])):
+        results = record["results"]
+        metric = next(iter(results.values()))["metric"]
+        cells = []
+        for shots in all_shots:
+            values = results.get(str(shots))
+            cells.append("" if values is None else f"{values[metric]:.1f} ± {values[metric + '_std']:.1f}")
+        label = "init (gates 0)" if record["step"] == 0 else str(record["step"])
+        lines.append(f"| {record['task']} | {label} | {metric} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    _write_grid(workdir, records, images_per_task)
+    text += "\n![predictions](report.png)\n"
+    with open(os.path.join(workdir, "eval", "report.md"), "w") as f:
+        f.write(text)
+    return text
+
+
+def _write_grid(workdir: str, records: list[dict], per_task: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from flamingo_jax.evaluation.tasks import OFFLINE_TASKS
+
+    latest = {}
+    for record in records:
+        if record["task"] in OFFLINE_TASKS and record["step"] >= latest.get(record["task"], {"step": -1})["step"]:
+            latest[record["task"]] = record
+    panels = []
+    for name, record in sorted(latest.items()):
+        task = OFFLINE_TASKS[name](**({"num_queries": per_task} if name != "skimage_captions" else {}))
+        by_id = {example.id: example for example in task.queries}
+        shots = max(record["predictions"], key=int)
+        rows = next(iter(record["predictions"][shots].values()))
+        for row in [r for r in rows if r["id"] in by_id][:per_task]:
+            example = by_id[row["id"]]
+            truth = example.answers[0] if example.answers else ""
+            panels.append(
+                (example.load_image(), f"{name} ({shots}-shot)\n{row['prediction'][:36]!r}\ntruth: {truth[:36]}")
+            )
+    if not panels:
+        return
+    columns = 4
+    lines = -(-len(panels) // columns)
+    fig, axes = plt.subplots(lines, columns, figsize=(3.2 * columns, 3.6 * lines), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, (image, title) in zip(axes.flat, panels, strict=False):
+        axis.imshow(np.asarray(image), cmap="gray")
+        axis.set_title(title, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, "eval", "report.png"), dpi=70)
+    plt.close(fig)
