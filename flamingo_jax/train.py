@@ -41,6 +41,18 @@ class OptimizerConfig:
     b2: float = 0.999
     eps: float = 1e-8
     clip_norm: float = 1.0
+    # After warmup: 'constant' (the paper) or 'cosine' decay to 0 at step ``decay_steps``.
+    schedule: str = "constant"
+    decay_steps: int = 0
+
+    def __post_init__(self):
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"OptimizerConfig.schedule must be 'constant' or 'cosine', got {self.schedule!r}")
+        if self.schedule == "cosine" and self.decay_steps <= self.warmup_steps:
+            raise ValueError(
+                f"OptimizerConfig.decay_steps={self.decay_steps} must exceed warmup_steps={self.warmup_steps} "
+                "for the cosine schedule"
+            )
 
 
 def path_key(path: tuple) -> str:
@@ -105,7 +117,15 @@ def merge_model(graphdef: nnx.GraphDef, trainable: FlatParams, frozen: FlatParam
 
 def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:
     warmup = max(config.warmup_steps, 1)
-    return lambda step: config.learning_rate * jnp.minimum(1.0, (step + 1) / warmup)
+
+    def schedule(step):
+        rate = config.learning_rate * jnp.minimum(1.0, (step + 1) / warmup)
+        if config.schedule == "cosine":
+            progress = jnp.clip((step - warmup) / (config.decay_steps - warmup), 0.0, 1.0)
+            rate = rate * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+        return rate
+
+    return schedule
 
 
 def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:

@@ -132,3 +132,14 @@ def test_remat_and_bf16_settings():
     assert {value.dtype for key, value in training.frozen.items() if key.startswith("lm/")} == {jnp.dtype("bfloat16")}
     assert {value.dtype for value in training.state.params.values()} == {jnp.dtype("float32")}
     assert abs(losses[0] - plain[0]) < 0.05  # bf16 changes the numbers only a little
+
+
+def test_cosine_schedule_after_warmup():
+    config = train.OptimizerConfig(learning_rate=1e-3, warmup_steps=10, schedule="cosine", decay_steps=110)
+    schedule = train.learning_rate_schedule(config)
+    rates = [float(schedule(step)) for step in (0, 9, 10, 60, 110, 200)]
+    assert rates[0] == pytest.approx(1e-4) and rates[1] == pytest.approx(1e-3)
+    assert rates[2] == pytest.approx(1e-3) and rates[3] == pytest.approx(5e-4, rel=1e-3)
+    assert rates[4] == pytest.approx(0.0, abs=1e-9) and rates[5] == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError, match="decay_steps=5 must exceed warmup_steps=10"):
+        train.OptimizerConfig(warmup_steps=10, schedule="cosine", decay_steps=5)
