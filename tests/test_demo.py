@@ -22,6 +22,7 @@ def test_demo_config_end_to_end(tmp_path):
         "--gin_file=runs/demo_cpu.gin",
         f"--workdir={workdir}",
         "--gin.TRAIN_STEPS=3",
+        "--gin.OptimizerConfig.warmup_steps=1",
         "--gin.CHECKPOINT_EVERY=3",
         "--gin.LOG_EVERY=1",
         "--gin.EVAL_QUERIES=8",
