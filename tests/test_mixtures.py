@@ -95,3 +95,16 @@ def test_demo_mixture_trains_on_real_images(tmp_path):
     for name in ("fashion_fewshot", "fashion_pairs", "photos", "generated"):
         assert np.isfinite(last[f"loss/{name}"]) and last[f"targets/{name}"] > 0, name
     assert sorted(os.listdir(tmp_path / "data"))  # prepared once, under FLAMINGO_JAX_DATA
+
+
+@pytest.mark.parametrize("size", ["3b", "9b"])
+def test_openflamingo_run_configs(size, mmc4_dir, pairs_dir):
+    """OpenFlamingo's recipe: MMC4 + LAION 0.2, AdamW lr 1e-4 after 1875 warmup steps."""
+    configs.parse_gin([f"runs/openflamingo_{size}.gin"], [f"MMC4_PATH='{mmc4_dir}'", f"LAION_PATH='{pairs_dir}'"])
+    try:
+        config = configs.run_config()
+    finally:
+        gin.clear_config()
+    assert {d.name: d.loss_weight for d in config.datasets} == {"mmc4": 1.0, "laion": 0.2}
+    assert (config.optimizer.learning_rate, config.optimizer.warmup_steps) == (1e-4, 1875)
+    assert config.model.xattn.placement == "openflamingo" and config.model.resampler.num_latents == 64
