@@ -27,6 +27,7 @@ import time
 
 import numpy as np
 from PIL import Image
+from results_io import write_results  # bench/ is on sys.path when run as a script
 
 PAIRS_BATCH, DOCS_BATCH = 16, 4
 
@@ -196,10 +197,6 @@ def main() -> None:
         if reference is None
         else best["examples_per_s"] / reference["examples_per_s"],
     }
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"data_pipeline_{result['date']}")
-    with open(stem + ".json", "w") as f:
-        json.dump(result, f, indent=2)
     lines = [
         f"# Data pipeline, {result['date']} ({os.cpu_count()} CPUs, tokenizer: {tokenizer_name})",
         "",
@@ -219,8 +216,7 @@ def main() -> None:
             f"| {reference['examples_per_s']:.1f} | |"
         )
         lines += ["", f"Pipeline / consumption: **{result['pipeline_over_consumption']:.1f}x**"]
-    with open(stem + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
+    stem = write_results(args.out, "data_pipeline", result, lines)
     print("\n".join(lines))
     print(f"wrote {stem}.json and {stem}.md")
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
 import time
 
 import numpy as np
+from results_io import write_results  # bench/ is on sys.path when run as a script
 
 PROMPT_TOKENS, NEW_TOKENS = 16, 32  # <image> + 15 text tokens
 
@@ -85,10 +85,6 @@ def main() -> None:
         "same_tokens": cached["tokens"] == uncached["tokens"],
         "speedup_from_caches": cached["tokens_per_s"] / uncached["tokens_per_s"],
     }
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"generate_{result['date']}")
-    with open(stem + ".json", "w") as f:
-        json.dump(result, f, indent=2)
     lines = [
         f"# Generation, {result['date']} ({os.cpu_count()} CPUs, {args.gin_file}, fp32, batch 1)",
         "",
@@ -102,8 +98,7 @@ def main() -> None:
         "",
         f"Speed-up from the caches: **{result['speedup_from_caches']:.1f}x**; same tokens: {result['same_tokens']}.",
     ]
-    with open(stem + ".md", "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_results(args.out, "generate", result, lines)
     print("\n".join(lines))
 
 

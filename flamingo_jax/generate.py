@@ -50,8 +50,19 @@ class Generated:
     scores: np.ndarray
 
 
-def _repeat(tree, times: int):
+def repeat_rows(tree, times: int):
+    """Each row (batch entry) of every array ``times`` times in a row; scalars (a cache's end) kept."""
     return jax.tree.map(lambda x: x if x.ndim == 0 else jnp.repeat(x, times, axis=0), tree)
+
+
+def left_padded_prompts(tokens, input_mask, who: str) -> tuple[jax.Array, jax.Array]:
+    """(int32 tokens, bool mask; all True when None), checking the prompts are left-padded so the
+    last column is every prompt's last real token."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    input_mask = jnp.ones(tokens.shape, bool) if input_mask is None else jnp.asarray(input_mask, bool)
+    if not bool(jnp.all(input_mask[:, -1])):
+        raise ValueError(f"{who}: prompts must be left-padded (the last column must be a real token)")
+    return tokens, input_mask
 
 
 def _take(tree, rows):
@@ -90,8 +101,8 @@ def _search(
         logits, cache = model(
             tokens, image_index, image_mask, media_kv=prompt_media_kv, input_mask=input_mask, cache=cache
         )
-        media_kv = _repeat(prompt_media_kv, beams)
-        decoder = _repeat(cache, beams)
+        media_kv = repeat_rows(prompt_media_kv, beams)
+        decoder = repeat_rows(cache, beams)
         last_logits = jnp.repeat(logits[:, -1], beams, axis=0)
     else:
         images_rows = jnp.repeat(images, beams, axis=0)
@@ -167,12 +178,7 @@ def generate(
     """Continues each left-padded prompt of ``tokens`` (int32[B, T]; ``input_mask`` False on the
     padding) conditioned on ``images`` (float[B, N, F, H, W, C]) with ``image_index`` /
     ``image_mask`` as in the batch contract."""
-    tokens = jnp.asarray(tokens, jnp.int32)
-    if input_mask is None:
-        input_mask = jnp.ones(tokens.shape, bool)
-    input_mask = jnp.asarray(input_mask, bool)
-    if not bool(jnp.all(input_mask[:, -1])):
-        raise ValueError("generate: prompts must be left-padded (the last column must be a real token)")
+    tokens, input_mask = left_padded_prompts(tokens, input_mask, "generate")
     stops = config.stop_tokens or tuple(t for t in (model.config.endofchunk_token_id, eos_id) if t is not None)
     graphdef, state = nnx.split(model)
     generated, lengths, scores = _search(

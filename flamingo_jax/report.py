@@ -29,12 +29,8 @@ def write_report(workdir: str, *, wall_time_s: float | None = None, images_per_t
     lines = [f"# Evaluation of {workdir}", ""]
     if wall_time_s is not None:
         lines += [f"Wall time (train + evaluate): {wall_time_s / 60:.1f} min", ""]
-    lines += [
-        "| task | step | metric | "
-        + " | ".join(f"{s}-shot" for s in sorted({int(k) for r in records for k in r["results"]}))
-        + " |"
-    ]
     all_shots = sorted({int(k) for r in records for k in r["results"]})
+    lines.append("| task | step | metric | " + " | ".join(f"{s}-shot" for s in all_shots) + " |")
     lines.append("|---|---|---|" + "---|" * len(all_shots))
     for record in sorted(records, key=lambda r: (r["task"], r["step"])):
         results = record["results"]

@@ -16,6 +16,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -317,6 +318,11 @@ class Training:
         )
 
 
+def _overwrite(params: FlatParams, loaded: dict, place) -> FlatParams:
+    """``params`` with the entries present in ``loaded`` replaced by ``place(key, old value)``."""
+    return {key: place(key, value) if key in loaded else value for key, value in params.items()}
+
+
 def build_training(config: RunConfig, mesh) -> Training:
     """Initialises (sharded) parameters and optimizer state and jits the step for ``mesh``."""
     from flamingo_jax import checkpointing
@@ -329,20 +335,19 @@ def build_training(config: RunConfig, mesh) -> Training:
         every = {**trainable, **frozen}
         shapes = {key: jax.ShapeDtypeStruct(value.shape, value.dtype) for key, value in every.items()}
         loaded = checkpointing.load_params(config.init_from, {k: v.sharding for k, v in every.items()}, shapes)
-        trainable = {key: loaded.get(key, value).astype(value.dtype) for key, value in trainable.items()}
-        frozen = {key: loaded.get(key, value).astype(value.dtype) for key, value in frozen.items()}
+        place = lambda key, value: loaded[key].astype(value.dtype)
+        trainable, frozen = _overwrite(trainable, loaded, place), _overwrite(frozen, loaded, place)
         log.info("init_from %s: loaded %d parameter arrays", config.init_from, len(loaded))
     if config.pretrained:
         from flamingo_jax.importers.pretrained import pretrained_params
 
         loaded = pretrained_params(config.model, **config.pretrained)
 
-        def put(key, value):  # every process holds the file: each fills its own shards
-            array = jnp.asarray(loaded[key]).astype(value.dtype)
+        def place(key, value):  # every process read the files: each fills only its own shards
+            array = np.asarray(loaded[key]).astype(value.dtype)
             return jax.make_array_from_callback(value.shape, value.sharding, lambda index: array[index])
 
-        trainable = {key: put(key, value) if key in loaded else value for key, value in trainable.items()}
-        frozen = {key: put(key, value) if key in loaded else value for key, value in frozen.items()}
+        trainable, frozen = _overwrite(trainable, loaded, place), _overwrite(frozen, loaded, place)
         log.info("pretrained %s: loaded %d parameter arrays", config.pretrained, len(loaded))
 
     tx = make_optimizer(config.optimizer)

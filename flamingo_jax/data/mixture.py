@@ -126,16 +126,15 @@ def _prepared_source(config: DatasetConfig):
     prepare = functools.partial(builders.prepare, builder_cls, source=path, data_dir=data_dir, **options)
     import jax
 
+    first = jax.process_index() == 0
+    if first:
+        builder = prepare()
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        if jax.process_index() == 0:
-            builder = prepare()
         multihost_utils.sync_global_devices(f"prepare {config.name}")
-        if jax.process_index() != 0:
-            builder = prepare()
-    else:
-        builder = prepare()
+    if not first:
+        builder = prepare()  # finds process 0's data on a shared folder, else builds its own
     if config.split not in builder.info.splits:
         raise ValueError(
             f"DatasetConfig {config.name!r}: split {config.split!r} not in {list(builder.info.splits)} "

@@ -55,12 +55,7 @@ class EvalConfig:
 
 
 def _prepare(example: Example, image_config: ImageConfig) -> np.ndarray:
-    from flamingo_jax.data.images import decode_image
-
-    image = example.load_image()
-    if isinstance(image, bytes):
-        image = decode_image(image)
-    return preprocess(np.asarray(image, np.uint8), image_config, None)
+    return preprocess(np.asarray(example.load_image(), np.uint8), image_config, None)
 
 
 class _ImageCache:
@@ -113,7 +108,7 @@ def _batch(prompts: list[list[int]], images: list[list[np.ndarray]], media_id: i
     return tokens, mask, index, media, image_mask
 
 
-def postprocess(kind: str, text: str) -> str:
+def postprocess(text: str) -> str:
     """Cut a generation where the model starts a new demonstration."""
     text = re.split(r"Question|Answer|Output|Short|\n|<\|endofchunk\|>|<image>", text, maxsplit=1)[0]
     return text.strip()
@@ -210,7 +205,7 @@ def evaluate_task(
                         rows.append(
                             {
                                 "id": query.id,
-                                "prediction": postprocess(task.kind, text),
+                                "prediction": postprocess(text),
                                 "raw": text,
                                 "answers": query.answers,
                             }

@@ -15,11 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from flamingo_jax.generate import left_padded_prompts, repeat_rows
 from flamingo_jax.models.llama import KVCache
-
-
-def _repeat(tree, times: int):
-    return jax.tree.map(lambda x: x if x.ndim == 0 else jnp.repeat(x, times, axis=0), tree)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -39,9 +36,9 @@ def _score(graphdef, state, tokens, input_mask, image_index, image_mask, images,
         fed,
         jnp.broadcast_to(last_image, (rows, class_length)),
         jnp.repeat(image_mask, num_classes, axis=0),
-        media_kv=_repeat(media_kv, num_classes),
+        media_kv=repeat_rows(media_kv, num_classes),
         input_mask=fed_mask,
-        cache=_repeat(cache, num_classes),
+        cache=repeat_rows(cache, num_classes),
     )
     logp = jax.nn.log_softmax(class_logits.astype(jnp.float32), axis=-1)  # [rows, L, V]
     # Token j of a class is predicted by position j - 1 of the class feed (j = 0: by the prompt).
@@ -66,10 +63,7 @@ def class_log_likelihoods(
     (divided by the class's token count when ``normalize``)."""
     if not class_tokens or any(len(c) == 0 for c in class_tokens):
         raise ValueError("class_log_likelihoods: every class needs at least one token")
-    tokens = jnp.asarray(tokens, jnp.int32)
-    input_mask = jnp.ones(tokens.shape, bool) if input_mask is None else jnp.asarray(input_mask, bool)
-    if not bool(jnp.all(input_mask[:, -1])):
-        raise ValueError("class_log_likelihoods: prompts must be left-padded")
+    tokens, input_mask = left_padded_prompts(tokens, input_mask, "class_log_likelihoods")
     length = max(len(c) for c in class_tokens)
     classes = np.zeros((len(class_tokens), length), np.int32)
     class_mask = np.zeros((len(class_tokens), length), bool)

@@ -114,27 +114,17 @@ def fashion_mnist_classification(*, num_queries: int = 1000, pool_size: int = 20
     from flamingo_jax.data.mixture import FASHION_MNIST_DIR
 
     source = source or FASHION_MNIST_DIR
-    test_images, test_labels = read_fashion_mnist(source, "test")
-    train_images, train_labels = read_fashion_mnist(source, "train")
-    order = np.random.default_rng(0).permutation(len(test_images))[:num_queries]
-    queries = [
-        Example(
-            f"test/{i}",
-            _grey_to_rgb(test_images[i]),
-            [FASHION_MNIST_CLASSES[test_labels[i]]],
-            label=int(test_labels[i]),
-        )
-        for i in order
-    ]
-    pool = [
-        Example(
-            f"train/{i}",
-            _grey_to_rgb(train_images[i]),
-            [FASHION_MNIST_CLASSES[train_labels[i]]],
-            label=int(train_labels[i]),
-        )
-        for i in range(pool_size)
-    ]
+
+    def examples(split: str, indices) -> list[Example]:
+        images, labels = read_fashion_mnist(source, split)
+        indices = indices(len(images))
+        return [
+            Example(f"{split}/{i}", _grey_to_rgb(images[i]), [FASHION_MNIST_CLASSES[labels[i]]], label=int(labels[i]))
+            for i in indices
+        ]
+
+    queries = examples("test", lambda count: np.random.default_rng(0).permutation(count)[:num_queries])
+    pool = examples("train", lambda count: range(pool_size))
     return Task("fashion_mnist", "classification", queries, pool, class_names=FASHION_MNIST_CLASSES)
 
 
