@@ -56,6 +56,9 @@ def main(argv) -> None:
     try:
         configs.parse_gin(_GIN_FILE.value, _GIN_BINDINGS.value)
         run_config = configs.run_config()
+        if _MODE.value == "train":
+            for dataset in run_config.datasets:
+                dataset.check_path()
         wants_eval = _MODE.value == "eval" or run_config.evaluate_at_end
         eval_config = configs.eval_config() if wants_eval else None
     except (ValueError, TypeError, FileNotFoundError) as error:

@@ -147,6 +147,22 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
+def map_over_batch(fn, x: jax.Array, *replicated_args):
+    """``fn(x, *replicated_args)`` computed on each device's batch shard of ``x`` (shard_map), with
+    the other arguments replicated; a plain call outside :func:`activation_sharding` or when the
+    batch does not divide. For ops XLA's SPMD partitioner would otherwise run on the gathered
+    batch (grouped convolutions)."""
+    active = _ACTIVE.get()
+    if active is None:
+        return fn(x, *replicated_args)
+    mesh, rules = active
+    spec = logical_to_spec(("act_batch",) + (None,) * (x.ndim - 1), rules, x.shape, mesh)
+    if spec[0] is None:
+        return fn(x, *replicated_args)
+    in_specs = (spec,) + (PartitionSpec(),) * len(replicated_args)
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=spec)(x, *replicated_args)
+
+
 def replicated(mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

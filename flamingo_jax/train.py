@@ -45,6 +45,12 @@ class OptimizerConfig:
     # After warmup: 'constant' (the paper) or 'cosine' decay to 0 at step ``decay_steps``.
     schedule: str = "constant"
     decay_steps: int = 0
+    # {path part: factor} scaling the updates of parameters whose flat path contains that part,
+    # e.g. {'attn_gate': 10.0, 'ffw_gate': 10.0}. Not in the paper; empty by default.
+    lr_multipliers: tuple[tuple[str, float], ...] | dict = ()
+
+    def __hash__(self):  # gin hands dict fields over as dicts
+        return hash(repr(self))
 
     def __post_init__(self):
         if self.schedule not in ("constant", "cosine"):
@@ -54,6 +60,11 @@ class OptimizerConfig:
                 f"OptimizerConfig.decay_steps={self.decay_steps} must exceed warmup_steps={self.warmup_steps} "
                 "for the cosine schedule"
             )
+        for part, factor in dict(self.lr_multipliers).items():
+            if not isinstance(part, str) or not factor > 0:
+                raise ValueError(
+                    f"OptimizerConfig.lr_multipliers needs {{path part: factor > 0}}, got {part!r}: {factor!r}"
+                )
 
 
 def path_key(path: tuple) -> str:
@@ -133,6 +144,18 @@ def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
     def decay_mask(params: FlatParams):
         return {key: not any(group in key.split("/") for group in config.no_decay) for key in params}
 
+    multipliers = dict(config.lr_multipliers)
+
+    def scale_by_path(updates: FlatParams, state, params=None):
+        del params
+        scaled = {}
+        for key, update in updates.items():
+            factor = 1.0
+            for part in key.split("/"):
+                factor *= multipliers.get(part, 1.0)
+            scaled[key] = update if factor == 1.0 else update * factor
+        return scaled, state
+
     return optax.chain(
         optax.clip_by_global_norm(config.clip_norm),
         optax.adamw(
@@ -143,6 +166,7 @@ def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
             weight_decay=config.weight_decay,
             mask=decay_mask,
         ),
+        optax.GradientTransformation(lambda params: optax.EmptyState(), scale_by_path),
     )
 
 
@@ -351,22 +375,34 @@ def build_training(config: RunConfig, mesh) -> Training:
         log.info("pretrained %s: loaded %d parameter arrays", config.pretrained, len(loaded))
 
     tx = make_optimizer(config.optimizer)
-    param_shardings = {key: value.sharding for key, value in trainable.items()}
-    replicated = sharding.replicated(mesh)
-    state_shardings = TrainState(replicated, param_shardings, opt_state_shardings(tx, trainable, param_shardings, mesh))
+    state_shardings = train_state_shardings(tx, trainable, mesh)
     opt_state = jax.jit(tx.init, out_shardings=state_shardings.opt_state)(trainable)
-    state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), replicated), trainable, opt_state)
+    state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), state_shardings.step), trainable, opt_state)
+    frozen_shardings = {key: value.sharding for key, value in frozen.items()}
+    step_fn = jit_train_step(config, graphdef, tx, state_shardings, frozen_shardings)
+    return Training(mesh, rules, graphdef, state, frozen, state_shardings, step_fn)
+
+
+def train_state_shardings(tx, trainable: FlatParams, mesh) -> TrainState:
+    """Shardings of the whole train state from the (possibly abstract) trainable parameters'."""
+    param_shardings = {key: value.sharding for key, value in trainable.items()}
+    opt_state = opt_state_shardings(tx, trainable, param_shardings, mesh)
+    return TrainState(sharding.replicated(mesh), param_shardings, opt_state)
+
+
+def jit_train_step(config: RunConfig, graphdef, tx, state_shardings: TrainState, frozen_shardings: dict):
+    """The jitted ``step(state, frozen, batches)`` of a run (donates the old state); the batches'
+    shardings come from the arrays passed in."""
     loss_weights = {
         dataset.name: dataset.loss_weight if config.mixture_strategy == "accumulate" else 1.0
         for dataset in config.datasets
     }
-    step_fn = jax.jit(
+    return jax.jit(
         make_train_step(graphdef, tx, loss_weights, learning_rate_schedule(config.optimizer)),
-        in_shardings=(state_shardings, {key: value.sharding for key, value in frozen.items()}, None),
-        out_shardings=(state_shardings, replicated),
+        in_shardings=(state_shardings, frozen_shardings, None),
+        out_shardings=(state_shardings, state_shardings.step),
         donate_argnums=(0,),
     )
-    return Training(mesh, rules, graphdef, state, frozen, state_shardings, step_fn)
 
 
 def train(config: RunConfig, workdir: str) -> dict:

@@ -67,3 +67,43 @@ def test_missing_gin_file_is_named():
 def test_invalid_values_fail_with_the_setting_name():
     with pytest.raises(ValueError, match="num_heads=6 must be a multiple of num_kv_heads=4"):
         configs.load_model_config("models/tiny.gin", ["LlamaConfig.num_heads = 6", "LlamaConfig.num_kv_heads = 4"])
+
+
+RUN_FILES = sorted(
+    os.path.relpath(path, configs.EXPERIMENTS_DIR)
+    for path in glob.glob(os.path.join(configs.EXPERIMENTS_DIR, "runs", "*.gin"))
+    # Partial files included by the runs: evaluation settings and the shared paper recipe.
+    if os.path.basename(path) not in ("eval_offline.gin", "flamingo_recipe.gin")
+)
+
+
+@pytest.mark.parametrize("path", RUN_FILES)
+def test_run_gin_parses(path):
+    """Every run config parses into a RunConfig without its data present (paths are checked when
+    training starts, so configs can be planned anywhere)."""
+    configs.parse_gin([path])
+    run_config = configs.run_config()
+    assert run_config.datasets and run_config.train_steps > 0
+
+
+@pytest.mark.parametrize("size", ["3b", "9b", "80b"])
+def test_paper_recipes(size):
+    """Appendix B.1.2: AdamW lr 1e-4 after 5k warmup steps then constant, weight decay 0.1 but not
+    on the resampler, clipping 1.0, 500k steps, M3W/ALIGN/LTIP/VTP weighted 1.0/0.2/0.2/0.03,
+    320 px images, 8 video frames, bf16 activations and frozen weights; B.3.1 batch sizes."""
+    configs.parse_gin([f"runs/flamingo_{size}.gin"])
+    run_config = configs.run_config()
+    optimizer = run_config.optimizer
+    assert (optimizer.learning_rate, optimizer.warmup_steps, optimizer.schedule) == (1e-4, 5000, "constant")
+    assert (optimizer.weight_decay, optimizer.no_decay, optimizer.clip_norm) == (0.1, ("resampler",), 1.0)
+    assert run_config.train_steps == 500_000 and run_config.mixture_strategy == "accumulate"
+    datasets = {d.name: d for d in run_config.datasets}
+    assert {n: d.loss_weight for n, d in datasets.items()} == {"m3w": 1.0, "align": 0.2, "ltip": 0.2, "vtp": 0.03}
+    assert {n: d.batch_size for n, d in datasets.items()} == {"m3w": 256, "align": 512, "ltip": 512, "vtp": 64}
+    assert (datasets["vtp"].num_frames, datasets["m3w"].max_images) == (8, 5)
+    model = run_config.model
+    assert model.vision.image_size == 320
+    assert (model.lm.dtype, model.lm.param_dtype, model.trainable_param_dtype) == ("bfloat16", "bfloat16", "float32")
+    assert model is not None and configs.load_model_config(f"models/flamingo_{size}.gin") == model
+    if size == "80b":  # 16-way model parallelism as in the paper
+        assert (run_config.mesh.tensor, run_config.mesh.rules) == (16, "fsdp_tensor")

@@ -64,8 +64,9 @@ def test_openflamingo_mixture_weights(mmc4_dir, pairs_dir):
 
 
 def test_missing_required_path_is_a_clear_error():
-    with pytest.raises(Exception, match="source 'mmc4' needs an existing path, got None"):
-        _run_config("mixtures/openflamingo.gin", [])
+    config = _run_config("mixtures/openflamingo.gin", [])  # parses without data (for planning)
+    with pytest.raises(FileNotFoundError, match="'mmc4': source 'mmc4' needs an existing path, got None"):
+        config.datasets[0].check_path()
 
 
 def test_demo_mixture_trains_on_real_images(tmp_path):

@@ -82,6 +82,10 @@ class DatasetConfig:
             raise ValueError(f"DatasetConfig {self.name!r}: loss_weight must be >= 0, got {self.loss_weight}")
         if self.source not in SOURCES:
             raise ValueError(f"DatasetConfig {self.name!r}: unknown source {self.source!r}; available: {list(SOURCES)}")
+
+    def check_path(self) -> None:
+        """Raises FileNotFoundError naming the dataset when its source data is missing. Not done at
+        construction, so that configs parse (and plan) on machines without the data."""
         needs_path = self.source not in ("synthetic", *PACKAGED)
         if needs_path and (not self.path or not os.path.exists(self.path)):
             raise FileNotFoundError(
@@ -119,6 +123,7 @@ def _prepared_source(config: DatasetConfig):
     several JAX processes share the folder)."""
     from flamingo_jax.data import builders
 
+    config.check_path()
     options = dict(config.options)
     path = config.path or PACKAGED.get(config.source)
     data_dir = config.data_dir or builders.default_data_dir(config.source, path, options)

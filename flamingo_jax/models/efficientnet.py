@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flamingo_jax.models import layers
+
 # (repeats, kernel, stride, expand ratio, in, out) of the seven stages (EfficientNet-B0 layout).
 LITE_BLOCKS = (
     (1, 3, 1, 1, 32, 16),
@@ -77,14 +79,7 @@ class ConvBN(nnx.Module):
         self.eps, self.dtype = config.bn_eps, jnp.dtype(config.dtype)
 
     def __call__(self, x):
-        out = jax.lax.conv_general_dilated(
-            x.astype(self.dtype),
-            self.kernel[...].astype(self.dtype),
-            window_strides=(self.stride, self.stride),
-            padding="SAME",
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            feature_group_count=self.groups,
-        )
+        out = layers.conv2d(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.stride, self.groups)
         inv = self.scale[...].astype(jnp.float32) * jax.lax.rsqrt(self.var[...].astype(jnp.float32) + self.eps)
         shift = self.bias[...].astype(jnp.float32) - self.mean[...].astype(jnp.float32) * inv
         out = (out.astype(jnp.float32) * inv + shift).astype(self.dtype)

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flamingo_jax import sharding
+
 Dtype = jnp.dtype | type
 
 _DEFAULT_KERNEL_INIT = nnx.initializers.normal(stddev=0.02)
@@ -92,6 +94,27 @@ ACTIVATIONS = {
     "relu": jax.nn.relu,
     "silu": jax.nn.silu,
 }
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, groups: int = 1) -> jax.Array:
+    """'SAME'-padded NHWC convolution: float[B, H, W, C] x float[k, k, C / groups, O] -> float[B, H', W', O].
+
+    Grouped convolutions run per batch shard: given a batch-sharded input, XLA's SPMD partitioner
+    all-gathers the whole batch for them and computes them replicated (found with
+    ``flamingo_jax.tools.plan``: 2.8x the FLOPs per device for NFNet under data parallelism).
+    """
+
+    def conv(inputs, weights):
+        return jax.lax.conv_general_dilated(
+            inputs,
+            weights,
+            window_strides=(stride, stride),
+            padding="SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=groups,
+        )
+
+    return sharding.map_over_batch(conv, x, kernel) if groups > 1 else conv(x, kernel)
 
 
 def activation(name: str):

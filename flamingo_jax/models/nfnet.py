@@ -77,14 +77,7 @@ class WSConv(nnx.Module):
         var = weight.var(axis=(0, 1, 2), keepdims=True)
         scale = jax.lax.rsqrt(jnp.maximum(var * fan_in, 1e-4)) * self.gain[...].astype(jnp.float32)
         weight = (weight * scale - mean * scale).astype(self.dtype)
-        out = jax.lax.conv_general_dilated(
-            x.astype(self.dtype),
-            weight,
-            window_strides=(self.stride, self.stride),
-            padding="SAME",
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            feature_group_count=self.groups,
-        )
+        out = layers.conv2d(x.astype(self.dtype), weight, self.stride, self.groups)
         return out + self.bias[...].astype(self.dtype)
 
 

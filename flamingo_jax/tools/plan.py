@@ -1,0 +1,445 @@
+"""Pod-scale planner: per-device memory, FLOPs, collectives and projected step time of a run's
+train step on a TPU topology, from an ahead-of-time compile on fake CPU devices.
+
+  python -m flamingo_jax.tools.plan --gin_file=runs/flamingo_80b.gin --topology=v5p-512
+
+Nothing is allocated: the train state and the batches are ``ShapeDtypeStruct`` s carrying the
+mesh's shardings, and ``jit(...).lower(...).compile()`` runs XLA's SPMD partitioner for the
+topology's chip count. Parameter, optimizer-state and batch bytes per device are exact (from the
+shardings); temporaries (activations kept for the backward pass, gradients, workspace) come from
+XLA's memory analysis of the compiled step. A full-depth compile of a 70B LM takes too long on a
+laptop, so by default the step is compiled at one and two "periods" of the LM (``every`` layers
+and one xattn block each) and the per-period growth is extrapolated linearly to the full depth;
+the output says which.
+
+Caveats (printed with the table): XLA's CPU backend, not the TPU one, schedules and fuses the
+program, so the temporaries are an estimate (bf16 is kept, layouts and fusion differ); the
+projected step time assumes the chip's peak bf16 FLOP/s and collectives at the chip's ICI
+bandwidth without overlap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+
+from flamingo_jax import configs, flops, sharding
+from flamingo_jax.batch import Batch
+
+_GIN_FILE = flags.DEFINE_multi_string("gin_file", [], "Run gin file(s); searched in experiments/ too.")
+_GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "Extra bindings; also spelled --gin.KEY=VALUE.")
+_TOPOLOGY = flags.DEFINE_string("topology", "v5p-256", "TPU topology, e.g. v5p-512, v4-128, v5e-256, v6e-64.")
+_DEPTH = flags.DEFINE_enum(
+    "depth", "auto", ["auto", "full", "extrapolate"], "Compile the full depth, or two short depths and extrapolate."
+)
+_OUTPUT = flags.DEFINE_string("output", None, "Also write the plan as JSON here.")
+
+GIB = 1024**3
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """One TPU generation: HBM, peak dense bf16 FLOP/s and inter-chip bandwidth per chip (Cloud
+    TPU documentation), and how many cores the topology name counts per chip."""
+
+    name: str
+    hbm_bytes: float
+    peak_flops: float
+    ici_bytes_per_s: float
+    cores_per_chip: int
+
+
+CHIPS = {
+    "v4": Chip("TPU v4", 32 * GIB, 275e12, 2400e9 / 8, 2),
+    "v5p": Chip("TPU v5p", 95 * GIB, 459e12, 4800e9 / 8, 2),
+    "v5e": Chip("TPU v5e", 16 * GIB, 197e12, 1600e9 / 8, 1),
+    "v6e": Chip("TPU v6e", 32 * GIB, 918e12, 3584e9 / 8, 1),
+}
+CHIPS["v5litepod"] = CHIPS["v5e"]
+
+
+def parse_topology(topology: str) -> tuple[Chip, int]:
+    """'v5p-256' -> (the v5p chip, 128 chips): v4 and v5p names count TensorCores (2 per chip)."""
+    match = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", topology)
+    if not match:
+        raise ValueError(f"unknown topology {topology!r}; expected e.g. v5p-256, v4-128, v5e-64, v6e-256")
+    chip = CHIPS[match.group(1)]
+    cores = int(match.group(2))
+    if cores % chip.cores_per_chip:
+        raise ValueError(f"topology {topology!r}: {cores} is not a whole number of {chip.name} chips")
+    return chip, cores // chip.cores_per_chip
+
+
+# ----------------------------------------------------------------------------------------------
+# Abstract inputs of the step.
+# ----------------------------------------------------------------------------------------------
+
+
+def batch_shapes(dataset, model_config) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Field -> (shape, dtype) of one dataset's global batch, as the data pipeline produces it."""
+    from flamingo_jax.data import builders
+
+    if dataset.source == "synthetic":
+        num_media, num_frames = dataset.synthetic.num_media, 1
+        size, length = dataset.synthetic.image_size, dataset.synthetic.length
+    else:
+        kind = builders.KINDS[dataset.source]
+        num_media = dataset.max_images if kind == "documents" else 1
+        num_frames = dataset.num_frames if kind == "video" else 1
+        size, length = model_config.vision.image_size, dataset.length
+    batch = dataset.batch_size
+    return {
+        "tokens": ((batch, length), np.dtype(np.int32)),
+        "images": ((batch, num_media, num_frames, size, size, 3), np.dtype(np.float32)),
+        "image_mask": ((batch, num_media), np.dtype(bool)),
+        "image_index": ((batch, length), np.dtype(np.int32)),
+        "loss_mask": ((batch, length), np.dtype(np.float32)),
+    }
+
+
+def abstract_batches(run_config, mesh, rules) -> dict[str, Batch]:
+    out = {}
+    for dataset in run_config.datasets:
+        fields = {
+            key: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, rules, len(shape)))
+            for key, (shape, dtype) in batch_shapes(dataset, run_config.model).items()
+        }
+        out[dataset.name] = Batch.from_dict(fields)
+    return out
+
+
+def device_bytes(tree) -> int:
+    """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard)."""
+    total = 0
+    for leaf in jax.tree.leaves(tree):
+        shard = leaf.sharding.shard_shape(leaf.shape)
+        total += math.prod(shard) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+@dataclasses.dataclass
+class Compiled:
+    """What one AOT compile of the step reports (bytes and FLOPs per device)."""
+
+    num_layers: int
+    num_blocks: int
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    temp_bytes: int
+    flops: float
+    collectives: dict[str, dict[str, float]]
+    compile_s: float
+
+
+_COLLECTIVE = re.compile(
+    r"=\s*(?P<shape>\([^=]*?\)|\S+)\s+(?P<op>all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
+    r"(?:-start)?\("
+)
+_ARRAY = re.compile(r"(pred|s8|u8|s16|u16|s32|u32|s64|u64|bf16|f16|f32|f64)\[([\d,]*)\]")
+_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4}
+_ITEMSIZE.update({"s64": 8, "u64": 8, "f64": 8})
+
+
+def collectives_in(hlo_text: str) -> dict[str, dict[str, float]]:
+    """{op: {'count', 'bytes'}} of the collectives in compiled HLO text (bytes of their results)."""
+    found: dict[str, dict[str, float]] = {}
+    for match in _COLLECTIVE.finditer(hlo_text):
+        size = 0
+        for dtype, dims in _ARRAY.findall(match.group("shape")):
+            size += _ITEMSIZE[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+        entry = found.setdefault(match.group("op"), {"count": 0, "bytes": 0.0})
+        entry["count"] += 1
+        entry["bytes"] += size
+    return found
+
+
+def _cost_flops(compiled) -> float:
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # older jax: one dict per program
+        analysis = analysis[0] if analysis else {}
+    return float((analysis or {}).get("flops", 0.0))
+
+
+@dataclasses.dataclass
+class AbstractInputs:
+    """The step's arguments as sharded ShapeDtypeStructs on one mesh."""
+
+    tx: object
+    state: object
+    state_shardings: object
+    frozen: dict
+    batches: dict
+
+    def device_bytes(self) -> dict[str, int]:
+        """Exact bytes one device holds of each kind of input."""
+        return {
+            "frozen_params": device_bytes(self.frozen),
+            "trainable_params": device_bytes(self.state.params),
+            "optimizer_state": device_bytes((self.state.step, self.state.opt_state)),
+            "batches": device_bytes(self.batches),
+        }
+
+
+def abstract_inputs(run_config, mesh) -> AbstractInputs:
+    from flamingo_jax import train
+
+    rules = sharding.RULE_SETS[run_config.mesh.rules]
+    trainable_names, frozen_names = train.logical_names(run_config.model)
+
+    def abstract(named):
+        shardings = train.flat_shardings(named, mesh, rules)
+        return {
+            key: jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=shardings[key])
+            for key, (_, value) in named.items()
+        }
+
+    trainable, frozen = abstract(trainable_names), abstract(frozen_names)
+    tx = train.make_optimizer(run_config.optimizer)
+    state_shardings = train.train_state_shardings(tx, trainable, mesh)
+    opt_state = jax.tree.map(
+        lambda value, target: jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=target),
+        jax.eval_shape(tx.init, trainable),
+        state_shardings.opt_state,
+    )
+    state = train.TrainState(jax.ShapeDtypeStruct((), np.int32, sharding=state_shardings.step), trainable, opt_state)
+    return AbstractInputs(tx, state, state_shardings, frozen, abstract_batches(run_config, mesh, rules))
+
+
+def compile_step(run_config, mesh) -> Compiled:
+    """AOT-compiles ``run_config``'s train step on ``mesh`` and reads XLA's analyses."""
+    from flax import nnx
+
+    from flamingo_jax import train
+    from flamingo_jax.models.flamingo import abstract_flamingo, trainable_filter
+
+    model_config = run_config.model
+    inputs = abstract_inputs(run_config, mesh)
+    with nnx.use_eager_sharding(False):
+        graphdef = nnx.split(abstract_flamingo(model_config), trainable_filter(model_config), ...)[0]
+    frozen_shardings = {key: value.sharding for key, value in inputs.frozen.items()}
+    step_fn = train.jit_train_step(run_config, graphdef, inputs.tx, inputs.state_shardings, frozen_shardings)
+    started = time.perf_counter()
+    with sharding.activation_sharding(mesh, sharding.RULE_SETS[run_config.mesh.rules]):
+        compiled = step_fn.lower(inputs.state, inputs.frozen, inputs.batches).compile()
+    compile_s = time.perf_counter() - started
+    memory = compiled.memory_analysis()
+    return Compiled(
+        num_layers=model_config.lm.num_layers,
+        num_blocks=len(model_config.xattn_layer_indices),
+        argument_bytes=int(memory.argument_size_in_bytes),
+        output_bytes=int(memory.output_size_in_bytes),
+        alias_bytes=int(memory.alias_size_in_bytes),
+        temp_bytes=int(memory.temp_size_in_bytes),
+        flops=_cost_flops(compiled),
+        collectives=collectives_in(compiled.as_text()),
+        compile_s=compile_s,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Reduced depths and extrapolation.
+# ----------------------------------------------------------------------------------------------
+
+
+def with_depth(run_config, periods: int):
+    """The run with the LM cut to ``first_layer + periods * every`` layers (``periods`` blocks)."""
+    model = run_config.model
+    layers = model.xattn.first_layer + periods * model.xattn.every
+    lm = dataclasses.replace(model.lm, num_layers=layers)
+    return dataclasses.replace(run_config, model=dataclasses.replace(model, lm=lm))
+
+
+def extrapolate(short: Compiled, longer: Compiled, num_layers: int, num_blocks: int) -> Compiled:
+    """Linear in depth: ``longer - short`` is the cost of one more period (``every`` LM layers and
+    one xattn block), scaled to the full model's layer count."""
+    periods = (num_layers - short.num_layers) / (longer.num_layers - short.num_layers)
+
+    def grow(a, b):
+        return a + periods * (b - a)
+
+    ops = set(short.collectives) | set(longer.collectives)
+    zero = {"count": 0, "bytes": 0.0}
+    collectives = {
+        op: {
+            field: grow(short.collectives.get(op, zero)[field], longer.collectives.get(op, zero)[field])
+            for field in ("count", "bytes")
+        }
+        for op in ops
+    }
+    return Compiled(
+        num_layers=num_layers,
+        num_blocks=num_blocks,
+        argument_bytes=round(grow(short.argument_bytes, longer.argument_bytes)),
+        output_bytes=round(grow(short.output_bytes, longer.output_bytes)),
+        alias_bytes=round(grow(short.alias_bytes, longer.alias_bytes)),
+        temp_bytes=round(grow(short.temp_bytes, longer.temp_bytes)),
+        flops=grow(short.flops, longer.flops),
+        collectives=collectives,
+        compile_s=short.compile_s + longer.compile_s,
+    )
+
+
+def analytic_step_flops(run_config) -> float:
+    """Model FLOPs of one step over every dataset of the mixture (no remat recompute)."""
+    total = 0.0
+    for dataset in run_config.datasets:
+        shapes = batch_shapes(dataset, run_config.model)
+        batch, num_media, num_frames = shapes["images"][0][:3]
+        total += flops.train_step_flops(run_config.model, batch, shapes["tokens"][0][1], num_media, num_frames)
+    return total
+
+
+def plan(run_config, topology: str, depth: str = "auto", full_depth_layers: int = 16) -> dict:
+    """The plan of ``run_config`` on ``topology`` (needs at least its chip count of jax devices).
+
+    ``depth``: 'full' compiles the whole model; 'extrapolate' compiles one and two periods;
+    'auto' compiles the full model when its LM has at most ``full_depth_layers`` layers.
+    """
+    chip, num_chips = parse_topology(topology)
+    devices = jax.devices()
+    if len(devices) < num_chips:
+        raise ValueError(
+            f"{topology} has {num_chips} chips but only {len(devices)} devices exist; run through "
+            "`python -m flamingo_jax.tools.plan` (it creates them) or set jax_num_cpu_devices first"
+        )
+    mesh = sharding.create_mesh(run_config.mesh, devices[:num_chips])
+    model = run_config.model
+    full_layers, full_blocks = model.lm.num_layers, len(model.xattn_layer_indices)
+    if depth == "auto":
+        depth = "full" if full_layers <= full_depth_layers else "extrapolate"
+    if depth == "full":
+        compiled = compile_step(run_config, mesh)
+    else:
+        compiled = extrapolate(
+            compile_step(with_depth(run_config, 1), mesh),
+            compile_step(with_depth(run_config, 2), mesh),
+            full_layers,
+            full_blocks,
+        )
+    # Input bytes are exact at full depth: shapes and shardings only, no compile needed.
+    inputs = abstract_inputs(run_config, mesh).device_bytes()
+    return summarize(run_config, topology, chip, num_chips, mesh, depth, compiled, inputs)
+
+
+# All-reduce moves about twice its result per device (reduce-scatter + all-gather); the others
+# about their result once.
+_TRAFFIC = {"all-reduce": 2.0}
+
+
+def summarize(run_config, topology, chip, num_chips, mesh, depth, compiled: Compiled, inputs: dict) -> dict:
+    temp_bytes = compiled.temp_bytes
+    unaliased_outputs = max(0, compiled.output_bytes - compiled.alias_bytes)
+    memory = {**inputs, "temporaries": temp_bytes, "other_outputs": unaliased_outputs}
+    total = sum(memory.values())
+    traffic = sum(entry["bytes"] * _TRAFFIC.get(op, 1.0) for op, entry in compiled.collectives.items())
+    compute_s = compiled.flops / chip.peak_flops
+    comm_s = traffic / chip.ici_bytes_per_s
+    step_s = compute_s + comm_s
+    model_flops = analytic_step_flops(run_config)
+    tokens = sum(math.prod(batch_shapes(d, run_config.model)["tokens"][0]) for d in run_config.datasets)
+    return {
+        "topology": topology,
+        "chip": chip.name,
+        "chips": num_chips,
+        "mesh": dict(mesh.shape),
+        "rules": run_config.mesh.rules,
+        "depth": (
+            "full"
+            if depth == "full"
+            else f"extrapolated from {run_config.model.xattn.every}- and "
+            f"{2 * run_config.model.xattn.every}-period compiles to {compiled.num_layers} layers"
+        ),
+        "lm_layers": compiled.num_layers,
+        "xattn_blocks": compiled.num_blocks,
+        "memory_bytes": memory,
+        "total_bytes": total,
+        "hbm_bytes": chip.hbm_bytes,
+        "fits": total < chip.hbm_bytes,
+        "xla_flops_per_device": compiled.flops,
+        "model_flops_per_step": model_flops,
+        "tokens_per_step": tokens,
+        "collectives": compiled.collectives,
+        "collective_bytes_per_device": traffic,
+        "compute_s": compute_s,
+        "communication_s": comm_s,
+        "step_s": step_s,
+        "mfu": model_flops / (num_chips * chip.peak_flops * step_s),
+        "tokens_per_s": tokens / step_s,
+        "compile_s": compiled.compile_s,
+    }
+
+
+CAVEATS = (
+    "Parameter, optimizer-state and batch bytes are exact (from the shardings). Temporaries come from "
+    "XLA's CPU-backend memory analysis of the SPMD-partitioned step: fusion and scheduling on TPU differ, "
+    "so treat them as an estimate. Step time assumes peak bf16 FLOP/s for XLA's FLOP count and "
+    "collectives at the chip's ICI bandwidth with no overlap; MFU counts model FLOPs (no remat)."
+)
+
+
+def format_plan(result: dict) -> str:
+    gib = lambda value: f"{value / GIB:.2f}"
+    mesh = " x ".join(f"{axis}={size}" for axis, size in result["mesh"].items())
+    lines = [
+        f"{result['topology']}: {result['chips']} x {result['chip']} ({gib(result['hbm_bytes'])} GiB HBM each), "
+        f"mesh {mesh}, rules {result['rules']!r}",
+        f"LM layers {result['lm_layers']}, xattn blocks {result['xattn_blocks']}; depth: {result['depth']}",
+        "",
+        "| per device | GiB |",
+        "|---|---|",
+    ]
+    for kind, value in result["memory_bytes"].items():
+        lines.append(f"| {kind.replace('_', ' ')} | {gib(value)} |")
+    verdict = "fits" if result["fits"] else "DOES NOT FIT"
+    lines.append(f"| **total** | **{gib(result['total_bytes'])}** ({verdict} in {gib(result['hbm_bytes'])}) |")
+    lines += ["", "| collective | count | GiB per device |", "|---|---|---|"]
+    for op, entry in sorted(result["collectives"].items()):
+        lines.append(f"| {op} | {entry['count']:.0f} | {gib(entry['bytes'])} |")
+    lines += [
+        "",
+        f"FLOPs per device per step (XLA): {result['xla_flops_per_device']:.3e}; "
+        f"model FLOPs per step (all chips): {result['model_flops_per_step']:.3e}",
+        f"projected step: {result['step_s']:.2f} s (compute {result['compute_s']:.2f} s at peak + "
+        f"collectives {result['communication_s']:.2f} s), MFU {100 * result['mfu']:.1f}%, "
+        f"{result['tokens_per_s']:,.0f} tokens/s",
+        "",
+        CAVEATS,
+    ]
+    return "\n".join(lines)
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        sys.exit(f"flamingo_jax.tools.plan: unexpected arguments {argv[1:]}")
+    if not _GIN_FILE.value:
+        sys.exit("flamingo_jax.tools.plan: --gin_file is required, e.g. --gin_file=runs/flamingo_80b.gin")
+    try:
+        _, num_chips = parse_topology(_TOPOLOGY.value)
+        configs.parse_gin(_GIN_FILE.value, _GIN_BINDINGS.value)
+        run_config = configs.run_config()
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        sys.exit(f"flamingo_jax.tools.plan: {error}")
+    # One fake CPU device per chip; must happen before anything touches a device.
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", num_chips)
+    try:
+        result = plan(run_config, _TOPOLOGY.value, _DEPTH.value)
+    except ValueError as error:
+        sys.exit(f"flamingo_jax.tools.plan: {error}")
+    print(format_plan(result))
+    if _OUTPUT.value:
+        with open(_OUTPUT.value, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    app.run(main, argv=configs.rewrite_gin_args(sys.argv))
