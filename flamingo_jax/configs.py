@@ -15,6 +15,7 @@ import gin
 from flamingo_jax.data.mixture import DatasetConfig
 from flamingo_jax.data.synthetic import SyntheticConfig
 from flamingo_jax.evaluation.fewshot import EvalConfig
+from flamingo_jax.models.contrastive import ContrastiveConfig, TextEncoderConfig
 from flamingo_jax.models.efficientnet import EfficientNetConfig
 from flamingo_jax.models.flamingo import FlamingoConfig
 from flamingo_jax.models.llama import LlamaConfig
@@ -29,6 +30,8 @@ EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(_
 
 _CONFIG_CLASSES = (
     FlamingoConfig,
+    ContrastiveConfig,
+    TextEncoderConfig,
     LlamaConfig,
     NFNetConfig,
     EfficientNetConfig,

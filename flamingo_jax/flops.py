@@ -164,6 +164,30 @@ def train_step_flops(
     return vision + 3 * (resampler_flops + xattn_flops) + lm_flops + 2 * head + 3 * new_rows
 
 
+def contrastive_step_flops(config, batch_size: int, length: int) -> float:
+    """FLOPs of one stage-1 contrastive step on ``batch_size`` pairs of ``length`` text tokens:
+    both towers forward + backward (3x) when trainable, forward only when frozen."""
+    text = config.text
+    tokens = batch_size * length
+    per_layer = tokens * 2 * (4 * text.width * text.width + 2 * text.width * text.mlp_dim)
+    per_layer += 2 * 2 * batch_size * length * length * text.width
+    text_flops = text.depth * per_layer + 2 * batch_size * config.embed_dim * (text.width + config.vision.output_dim)
+    vision = batch_size * vision_forward_flops(config.vision)
+    similarity = 2 * batch_size * batch_size * config.embed_dim
+    vision_factor = 3 if "vision" in config.trainable else 1
+    text_factor = 3 if "text" in config.trainable else 1
+    return vision_factor * vision + text_factor * text_flops + 3 * similarity
+
+
+def step_flops(config, batch_size: int, length: int, num_media: int, num_frames: int = 1) -> float:
+    """Train-step FLOPs of one dataset's batch for either model kind."""
+    from flamingo_jax.models.contrastive import ContrastiveConfig
+
+    if isinstance(config, ContrastiveConfig):
+        return contrastive_step_flops(config, batch_size, length)
+    return train_step_flops(config, batch_size, length, num_media, num_frames)
+
+
 def measured_matmul_peak(size: int = 1024, repeats: int = 10, dtype=jnp.float32) -> float:
     """FLOP/s of a jitted square matmul on the default device (the CPU 'peak' for MFU)."""
     a = jnp.ones((size, size), dtype)

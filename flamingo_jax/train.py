@@ -22,7 +22,14 @@ from flax import nnx
 
 from flamingo_jax import sharding
 from flamingo_jax.batch import Batch
-from flamingo_jax.models.flamingo import CountingRngs, Flamingo, FlamingoConfig, abstract_flamingo, trainable_filter
+from flamingo_jax.models.flamingo import (
+    CountingRngs,
+    FlamingoConfig,
+    abstract_model,
+    model_class,
+    token_loss,  # noqa: F401  (part of this module's interface)
+    trainable_filter,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +92,7 @@ def unflatten_state(flat: FlatParams) -> nnx.State:
 
 def logical_names(config: FlamingoConfig) -> tuple[dict[str, tuple], dict[str, tuple]]:
     """Logical axis names of every (trainable, frozen) parameter, from the abstract model."""
-    model = abstract_flamingo(config)
+    model = abstract_model(config)
     _, trainable, frozen = nnx.split(model, trainable_filter(config), ...)
 
     def names(state):
@@ -113,17 +120,17 @@ def init_params(config: FlamingoConfig, mesh, rules, seed: int) -> tuple[nnx.Gra
     out_shardings = (flat_shardings(trainable_names, mesh, rules), flat_shardings(frozen_names, mesh, rules))
 
     def create():
-        model = Flamingo(config, rngs=CountingRngs(seed))
+        model = model_class(config)(config, rngs=CountingRngs(seed))
         _, trainable, frozen = nnx.split(model, trainable_filter(config), ...)
         return flatten_state(trainable), flatten_state(frozen)
 
     with nnx.use_eager_sharding(False):
-        graphdef = nnx.split(abstract_flamingo(config), trainable_filter(config), ...)[0]
+        graphdef = nnx.split(abstract_model(config), trainable_filter(config), ...)[0]
         trainable, frozen = jax.jit(create, out_shardings=out_shardings)()
     return graphdef, trainable, frozen
 
 
-def merge_model(graphdef: nnx.GraphDef, trainable: FlatParams, frozen: FlatParams) -> Flamingo:
+def merge_model(graphdef: nnx.GraphDef, trainable: FlatParams, frozen: FlatParams) -> nnx.Module:
     return nnx.merge(graphdef, unflatten_state(trainable), unflatten_state(frozen))
 
 
@@ -170,20 +177,6 @@ def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
     )
 
 
-def token_loss(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """Mean next-token cross-entropy over the targets ``loss_mask`` selects.
-
-    Returns (loss, number of counted targets). A batch with no counted target gives loss 0, not
-    NaN (its gradient is zero too).
-    """
-    weights = batch.loss_mask[:, :-1].astype(jnp.float32)
-    targets = batch.tokens[:, 1:]
-    log_probs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-    count = weights.sum()
-    return (nll * weights).sum() / jnp.maximum(count, 1.0), count
-
-
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class TrainState:
@@ -202,14 +195,15 @@ def gate_values(params: FlatParams) -> dict[str, jax.Array]:
     return gates
 
 
+SEQUENTIAL_DATASETS = True
+
+
 def make_train_step(graphdef, tx: optax.GradientTransformation, loss_weights: dict[str, float], schedule):
     """``step(state, frozen, batches) -> (state, metrics)`` for a {dataset name: Batch} mixture;
     datasets absent from ``batches`` (the 'sample' strategy) contribute nothing that step."""
 
     def dataset_loss(params, frozen, batch: Batch):
-        model = merge_model(graphdef, params, frozen)
-        logits, _ = model(batch.tokens, batch.image_index, batch.image_mask, batch.images)
-        return token_loss(logits, batch)
+        return merge_model(graphdef, params, frozen).train_loss(batch)
 
     def step(state: TrainState, frozen: FlatParams, batches: dict[str, Batch]):
         grads = jax.tree.map(jnp.zeros_like, state.params)
@@ -218,9 +212,12 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_weights: di
         for name, weight in loss_weights.items():
             if name not in batches:
                 continue
-            (loss, count), dataset_grads = jax.value_and_grad(dataset_loss, has_aux=True)(
-                state.params, frozen, batches[name]
-            )
+            batch = batches[name]
+            if SEQUENTIAL_DATASETS and metrics:
+                # One dataset's forward/backward after the other's: without this barrier XLA may
+                # run all the datasets' forward passes first and hold all their activations.
+                grads, batch = jax.lax.optimization_barrier((grads, batch))
+            (loss, count), dataset_grads = jax.value_and_grad(dataset_loss, has_aux=True)(state.params, frozen, batch)
             grads = jax.tree.map(lambda acc, g, w=weight: acc + w * g.astype(acc.dtype), grads, dataset_grads)
             total = total + weight * loss
             metrics[f"loss/{name}"] = loss
@@ -418,17 +415,17 @@ def train(config: RunConfig, workdir: str) -> dict:
     rules = training.rules
 
     token_ids = mixture.TokenIds(
-        model_config.lm.vocab_size, model_config.media_token_id, model_config.endofchunk_token_id
+        model_config.base_vocab_size, model_config.media_token_id, model_config.endofchunk_token_id
     )
     tokenizer = None
     if any(d.source != "synthetic" for d in config.datasets):
         from flamingo_jax.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(config.tokenizer)
-        if tokenizer.base_vocab_size != model_config.lm.vocab_size:
+        if tokenizer.base_vocab_size != model_config.base_vocab_size:
             raise ValueError(
                 f"RunConfig.tokenizer={config.tokenizer!r} has {tokenizer.base_vocab_size} base tokens but "
-                f"LlamaConfig.vocab_size is {model_config.lm.vocab_size}"
+                f"the model's vocabulary (LlamaConfig / TextEncoderConfig.vocab_size) is {model_config.base_vocab_size}"
             )
     dataset = mixture.mixture_dataset(
         config.datasets,
@@ -454,7 +451,7 @@ def train(config: RunConfig, workdir: str) -> dict:
 
     shapes = {name: {key: value.shape for key, value in fields.items()} for name, fields in dataset.first().items()}
     dataset_flops = {
-        d.name: flops.train_step_flops(
+        d.name: flops.step_flops(
             model_config,
             d.batch_size,
             shapes[d.name]["tokens"][1],

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from flamingo_jax import configs
-from flamingo_jax.models.flamingo import abstract_flamingo, count_params, trainable_filter
+from flamingo_jax.models.flamingo import abstract_model, count_params, trainable_filter
 
 # (frozen LM, GATED XATTN-DENSE, total) in billions; vision 435M and resampler 194M for all.
 PAPER = {
@@ -23,7 +23,7 @@ def _within(value, reference, tolerance=0.10):
 @pytest.mark.parametrize("name", sorted(PAPER))
 def test_paper_parameter_counts(name):
     config = configs.load_model_config(f"models/{name}.gin")
-    model = abstract_flamingo(config)
+    model = abstract_model(config)
     lm, xattn, total = PAPER[name]
     billions = lambda module: count_params(module) / 1e9
     counts = {

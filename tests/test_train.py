@@ -143,3 +143,21 @@ def test_cosine_schedule_after_warmup():
     assert rates[4] == pytest.approx(0.0, abs=1e-9) and rates[5] == pytest.approx(0.0, abs=1e-9)
     with pytest.raises(ValueError, match="decay_steps=5 must exceed warmup_steps=10"):
         train.OptimizerConfig(warmup_steps=10, schedule="cosine", decay_steps=5)
+
+
+def test_learning_rate_multipliers_scale_matching_parameters():
+    params = {"xattn_layers/0/attn_gate": jnp.zeros(()), "xattn_layers/0/to_q/kernel": jnp.zeros(2)}
+    grads = {"xattn_layers/0/attn_gate": jnp.ones(()), "xattn_layers/0/to_q/kernel": jnp.ones(2)}
+
+    def first_update(**options):
+        config = train.OptimizerConfig(learning_rate=1e-2, warmup_steps=1, weight_decay=0.0, **options)
+        tx = train.make_optimizer(config)
+        updates, _ = tx.update(grads, tx.init(params), params)
+        return {key: np.asarray(value) for key, value in updates.items()}
+
+    plain = first_update()
+    scaled = first_update(lr_multipliers={"attn_gate": 10.0})
+    np.testing.assert_allclose(scaled["xattn_layers/0/attn_gate"], 10 * plain["xattn_layers/0/attn_gate"], rtol=1e-6)
+    np.testing.assert_array_equal(scaled["xattn_layers/0/to_q/kernel"], plain["xattn_layers/0/to_q/kernel"])
+    with pytest.raises(ValueError, match="lr_multipliers"):
+        train.OptimizerConfig(lr_multipliers={"attn_gate": -1.0})

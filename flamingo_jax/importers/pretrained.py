@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flamingo_jax.models.flamingo import CountingRngs, Flamingo, FlamingoConfig, abstract_flamingo
+from flamingo_jax.models.flamingo import CountingRngs, Flamingo, FlamingoConfig, abstract_model
 from flamingo_jax.models.llama import LlamaConfig, LlamaLM
 
 
@@ -119,7 +119,7 @@ def pretrained_params(
         raise ValueError(
             "nothing to convert: give lm, vision_hf, vision_open_clip, vision_efficientnet or openflamingo"
         )
-    abstract = {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(abstract_flamingo(config)))}
+    abstract = {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(abstract_model(config)))}
     for key, value in params.items():
         if key not in abstract:
             raise ValueError(f"converted weight {key!r} has no parameter in the configured model")

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flamingo_jax.batch import Batch
 from flamingo_jax.models.efficientnet import EfficientNet, EfficientNetConfig
 from flamingo_jax.models.llama import KVCache, LlamaConfig, LlamaLM
 from flamingo_jax.models.nfnet import NFNet, NFNetConfig
@@ -49,6 +50,10 @@ class FlamingoConfig:
                 f"FlamingoConfig.trainable has unknown groups {sorted(unknown)}; "
                 f"choose from {list(TRAINABLE_GROUPS) + ['lm', 'vision']}"
             )
+
+    @property
+    def base_vocab_size(self) -> int:
+        return self.lm.vocab_size
 
     @property
     def media_token_id(self) -> int:
@@ -195,6 +200,25 @@ class Flamingo(nnx.Module):
         logits = jnp.concatenate([self.lm.logits(hidden), self.new_tokens.logits(hidden)], axis=-1)
         return logits, cache
 
+    def train_loss(self, batch: Batch) -> tuple[jax.Array, jax.Array]:
+        """(next-token loss over the targets ``loss_mask`` selects, number of targets)."""
+        logits, _ = self(batch.tokens, batch.image_index, batch.image_mask, batch.images)
+        return token_loss(logits, batch)
+
+
+def token_loss(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """Mean next-token cross-entropy over the targets ``loss_mask`` selects.
+
+    Returns (loss, number of counted targets). A batch with no counted target gives loss 0, not
+    NaN (its gradient is zero too).
+    """
+    weights = batch.loss_mask[:, :-1].astype(jnp.float32)
+    targets = batch.tokens[:, 1:]
+    log_probs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    count = weights.sum()
+    return (nll * weights).sum() / jnp.maximum(count, 1.0), count
+
 
 def trainable_filter(config: FlamingoConfig):
     """An nnx filter selecting the trainable parameters (the optimizer holds state for these only)."""
@@ -231,10 +255,17 @@ class CountingRngs:
         return self.__call__
 
 
-def abstract_flamingo(config: FlamingoConfig) -> Flamingo:
+def model_class(config) -> type[nnx.Module]:
+    """The module a model config builds: Flamingo, or the stage-1 contrastive two-tower model."""
+    from flamingo_jax.models.contrastive import ContrastiveConfig, ContrastiveModel
+
+    return ContrastiveModel if isinstance(config, ContrastiveConfig) else Flamingo
+
+
+def abstract_model(config) -> nnx.Module:
     """The model with ShapeDtypeStruct leaves: shapes and counts without allocating anything."""
     with nnx.use_eager_sharding(False):
-        return nnx.eval_shape(lambda: Flamingo(config, rngs=CountingRngs(0)))
+        return nnx.eval_shape(lambda: model_class(config)(config, rngs=CountingRngs(0)))
 
 
 def count_params(model: nnx.Module, flt=nnx.Param) -> int:

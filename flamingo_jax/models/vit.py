@@ -59,13 +59,25 @@ class ViTConfig:
         return self.num_patches + (self.output_tokens == "all")
 
 
-class ViTBlock(nnx.Module):
-    def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs):
-        self.config = config
-        width = config.width
-        norm = lambda: layers.layer_norm(width, eps=config.norm_eps, param_dtype=config.param_dtype, rngs=rngs)
+class EncoderBlock(nnx.Module):
+    """Pre-LN bidirectional transformer block (the ViT's, and the contrastive text encoder's)."""
+
+    def __init__(
+        self,
+        width: int,
+        num_heads: int,
+        mlp_dim: int,
+        *,
+        activation: str,
+        norm_eps: float,
+        param_dtype: str,
+        dtype: str,
+        rngs: nnx.Rngs,
+    ):
+        self.num_heads, self.activation = num_heads, activation
+        norm = lambda: layers.layer_norm(width, eps=norm_eps, param_dtype=param_dtype, rngs=rngs)
         dense = lambda i, o, names: layers.Dense(
-            i, o, names, use_bias=True, param_dtype=config.param_dtype, dtype=config.dtype, rngs=rngs
+            i, o, names, use_bias=True, param_dtype=param_dtype, dtype=dtype, rngs=rngs
         )
         self.norm1 = norm()
         self.q_proj = dense(width, width, ("embed", "heads"))
@@ -73,20 +85,20 @@ class ViTBlock(nnx.Module):
         self.v_proj = dense(width, width, ("embed", "heads"))
         self.out_proj = dense(width, width, ("heads", "embed"))
         self.norm2 = norm()
-        self.fc1 = dense(width, config.mlp_dim, ("embed", "mlp"))
-        self.fc2 = dense(config.mlp_dim, width, ("mlp", "embed"))
+        self.fc1 = dense(width, mlp_dim, ("embed", "mlp"))
+        self.fc2 = dense(mlp_dim, width, ("mlp", "embed"))
 
-    def __call__(self, x):
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+        """x: float[B, T, W]; mask: optional bool[B, T, T] of allowed (query, key) pairs."""
         batch, length, width = x.shape
-        heads = self.config.num_heads
         h = layers.apply_norm(self.norm1, x)
-        split = lambda t: t.reshape(batch, length, heads, width // heads)
+        split = lambda t: t.reshape(batch, length, self.num_heads, width // self.num_heads)
         attended = layers.dot_product_attention(
-            split(self.q_proj(h)), split(self.k_proj(h)), split(self.v_proj(h)), None
+            split(self.q_proj(h)), split(self.k_proj(h)), split(self.v_proj(h)), mask
         )
         x = x + self.out_proj(attended.reshape(batch, length, width))
         h = layers.apply_norm(self.norm2, x)
-        return x + self.fc2(layers.activation(self.config.activation)(self.fc1(h)))
+        return x + self.fc2(layers.activation(self.activation)(self.fc1(h)))
 
 
 class ViT(nnx.Module):
@@ -106,7 +118,17 @@ class ViT(nnx.Module):
             out_sharding=(None, "embed"),
         )
         self.pre_norm = layers.layer_norm(config.width, eps=config.norm_eps, param_dtype=config.param_dtype, rngs=rngs)
-        self.blocks = nnx.List([ViTBlock(config, rngs=rngs) for _ in range(config.depth)])
+        block = lambda: EncoderBlock(
+            config.width,
+            config.num_heads,
+            config.mlp_dim,
+            activation=config.activation,
+            norm_eps=config.norm_eps,
+            param_dtype=config.param_dtype,
+            dtype=config.dtype,
+            rngs=rngs,
+        )
+        self.blocks = nnx.List([block() for _ in range(config.depth)])
         self.post_norm = layers.layer_norm(config.width, eps=config.norm_eps, param_dtype=config.param_dtype, rngs=rngs)
 
     def __call__(self, images: jax.Array) -> jax.Array:

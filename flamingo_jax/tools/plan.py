@@ -219,12 +219,12 @@ def compile_step(run_config, mesh) -> Compiled:
     from flax import nnx
 
     from flamingo_jax import train
-    from flamingo_jax.models.flamingo import abstract_flamingo, trainable_filter
+    from flamingo_jax.models.flamingo import abstract_model, trainable_filter
 
     model_config = run_config.model
     inputs = abstract_inputs(run_config, mesh)
     with nnx.use_eager_sharding(False):
-        graphdef = nnx.split(abstract_flamingo(model_config), trainable_filter(model_config), ...)[0]
+        graphdef = nnx.split(abstract_model(model_config), trainable_filter(model_config), ...)[0]
     frozen_shardings = {key: value.sharding for key, value in inputs.frozen.items()}
     step_fn = train.jit_train_step(run_config, graphdef, inputs.tx, inputs.state_shardings, frozen_shardings)
     started = time.perf_counter()
@@ -294,7 +294,7 @@ def analytic_step_flops(run_config) -> float:
     for dataset in run_config.datasets:
         shapes = batch_shapes(dataset, run_config.model)
         batch, num_media, num_frames = shapes["images"][0][:3]
-        total += flops.train_step_flops(run_config.model, batch, shapes["tokens"][0][1], num_media, num_frames)
+        total += flops.step_flops(run_config.model, batch, shapes["tokens"][0][1], num_media, num_frames)
     return total
 
 
@@ -317,17 +317,19 @@ def plan(run_config, topology: str, depth: str = "auto", full_depth_layers: int 
     if depth == "auto":
         depth = "full" if full_layers <= full_depth_layers else "extrapolate"
     if depth == "full":
-        compiled = compile_step(run_config, mesh)
+        compiles = [compile_step(run_config, mesh)]
+        compiled = compiles[0]
     else:
-        compiled = extrapolate(
-            compile_step(with_depth(run_config, 1), mesh),
-            compile_step(with_depth(run_config, 2), mesh),
-            full_layers,
-            full_blocks,
-        )
+        compiles = [compile_step(with_depth(run_config, periods), mesh) for periods in (1, 2)]
+        compiled = extrapolate(*compiles, full_layers, full_blocks)
     # Input bytes are exact at full depth: shapes and shardings only, no compile needed.
     inputs = abstract_inputs(run_config, mesh).device_bytes()
-    return summarize(run_config, topology, chip, num_chips, mesh, depth, compiled, inputs)
+    result = summarize(run_config, topology, chip, num_chips, mesh, depth, compiled, inputs)
+    result["compiles"] = [
+        {"lm_layers": c.num_layers, "temp_bytes": c.temp_bytes, "flops": c.flops, "compile_s": c.compile_s}
+        for c in compiles
+    ]
+    return result
 
 
 # All-reduce moves about twice its result per device (reduce-scatter + all-gather); the others
@@ -411,6 +413,11 @@ def format_plan(result: dict) -> str:
         f"projected step: {result['step_s']:.2f} s (compute {result['compute_s']:.2f} s at peak + "
         f"collectives {result['communication_s']:.2f} s), MFU {100 * result['mfu']:.1f}%, "
         f"{result['tokens_per_s']:,.0f} tokens/s",
+        "compiled: "
+        + "; ".join(
+            f"{c['lm_layers']} LM layers in {c['compile_s']:.0f} s (temporaries {gib(c['temp_bytes'])} GiB)"
+            for c in result.get("compiles", [])
+        ),
         "",
         CAVEATS,
     ]

@@ -11,7 +11,7 @@ import sys
 from absl import app, flags
 
 from flamingo_jax import configs
-from flamingo_jax.models.flamingo import abstract_flamingo, count_params
+from flamingo_jax.models.flamingo import abstract_model, count_params
 
 _GIN_FILE = flags.DEFINE_multi_string("gin_file", [], "Model gin file(s), searched in experiments/ too.")
 _GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "Extra bindings; also spelled --gin.KEY=VALUE")
@@ -21,7 +21,7 @@ COMPONENTS = ("vision", "resampler", "lm", "xattn_layers", "new_tokens")
 
 def summary_rows(config) -> list[tuple[str, int, bool]]:
     """(component, parameter count, trainable) for each top-level component."""
-    model = abstract_flamingo(config)
+    model = abstract_model(config)
     return [(name, count_params(getattr(model, name)), name in config.trainable) for name in COMPONENTS]
 
 

@@ -1,0 +1,140 @@
+"""Evaluators of the stage-1 contrastive model: zero-shot image<->text retrieval (R@1/5/10 in
+both directions) and zero-shot classification from class-name prompts.
+
+Retrieval takes a relevance matrix rather than assuming one caption per image, so datasets with
+several captions per image (COCO, Flickr30k) and datasets whose captions repeat across images
+(class-name captions: every image of a class matches every caption of that class) are both
+scored correctly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flamingo_jax.data.images import ImageConfig, preprocess
+
+log = logging.getLogger(__name__)
+
+RECALL_AT = (1, 5, 10)
+CAPTION_TEMPLATE = "A photo of a {}."
+
+
+def retrieval_metrics(similarity: np.ndarray, relevant: np.ndarray, ks=RECALL_AT) -> dict[str, float]:
+    """Recall@K in percent.
+
+    Args:
+      similarity: float[num_images, num_texts].
+      relevant: bool[num_images, num_texts], which texts describe which image.
+
+    Returns:
+      'image_to_text/R@K': share of images with a relevant text among their K most similar;
+      'text_to_image/R@K': share of texts with a relevant image among their K most similar.
+      Ties are broken by position (stable sort), the same on every run.
+    """
+    similarity, relevant = np.asarray(similarity, np.float64), np.asarray(relevant, bool)
+    if similarity.shape != relevant.shape:
+        raise ValueError(f"similarity {similarity.shape} and relevant {relevant.shape} differ in shape")
+    metrics = {}
+    for direction, scores, truth in (
+        ("image_to_text", similarity, relevant),
+        ("text_to_image", similarity.T, relevant.T),
+    ):
+        order = np.argsort(-scores, axis=1, kind="stable")
+        ranked = np.take_along_axis(truth, order, axis=1)
+        for k in ks:
+            metrics[f"{direction}/R@{k}"] = 100.0 * float(ranked[:, :k].any(axis=1).mean())
+    return metrics
+
+
+def tokenize_captions(tokenizer, captions: list[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """(int32[N, max_length] tokens, bool[N, max_length] mask), truncated to ``max_length``."""
+    tokens = np.zeros((len(captions), max_length), np.int32)
+    mask = np.zeros((len(captions), max_length), bool)
+    for row, caption in enumerate(captions):
+        ids = tokenizer.encode(caption)[:max_length]
+        if not ids:
+            raise ValueError(f"caption {row} ({caption!r}) has no tokens")
+        tokens[row, : len(ids)] = ids
+        mask[row, : len(ids)] = True
+    return tokens, mask
+
+
+def embed(model, images: np.ndarray | None = None, tokens=None, mask=None, *, batch_size: int = 64) -> np.ndarray:
+    """Unit embeddings float32[N, D] of images float[N, H, W, C] or of captions (tokens, mask),
+    in fixed-size batches (the last one padded) so one compile serves every batch."""
+    count = len(images) if images is not None else len(tokens)
+    image_fn = jax.jit(lambda x: model.embed_images(x))
+    text_fn = jax.jit(lambda t, m: model.embed_texts(t, m))
+    out = []
+
+    def pad(array):
+        missing = batch_size - len(array)
+        return np.concatenate([array, np.zeros((missing, *array.shape[1:]), array.dtype)]) if missing else array
+
+    for start in range(0, count, batch_size):
+        rows = slice(start, start + batch_size)
+        if images is not None:
+            part = image_fn(jnp.asarray(pad(images[rows])))
+        else:
+            part = text_fn(jnp.asarray(pad(tokens[rows])), jnp.asarray(pad(mask[rows])))
+        out.append(np.asarray(part)[: min(batch_size, count - start)])
+    return np.concatenate(out)
+
+
+def fashion_mnist_zero_shot(model, tokenizer, image_config: ImageConfig, *, num_images: int = 1000) -> dict:
+    """Zero-shot retrieval and classification on the first ``num_images`` Fashion-MNIST test
+    images, captioned ``A photo of a {class}.``.
+
+    Image->text ranks the ten distinct class captions (R@1 is the zero-shot accuracy; R@10 is
+    100 by construction); text->image ranks the images for each image's caption, any image of
+    the caption's class counting as relevant.
+    """
+    from flamingo_jax.data.builders import FASHION_MNIST_CLASSES
+    from flamingo_jax.evaluation.tasks import fashion_mnist_classification
+
+    task = fashion_mnist_classification(num_queries=num_images, pool_size=1)
+    labels = np.asarray([example.label for example in task.queries])
+    images = np.stack([preprocess(np.asarray(e.load_image(), np.uint8), image_config, None) for e in task.queries])
+    max_length = model.config.text.max_length
+    image_embeddings = embed(model, images)
+    prompts = [CAPTION_TEMPLATE.format(name) for name in FASHION_MNIST_CLASSES]
+    class_embeddings = embed(model, None, *tokenize_captions(tokenizer, prompts, max_length))
+    classes = np.arange(len(prompts))
+    to_classes = retrieval_metrics(image_embeddings @ class_embeddings.T, labels[:, None] == classes[None, :])
+    captions = class_embeddings[labels]  # the caption of every image
+    to_images = retrieval_metrics(image_embeddings @ captions.T, labels[:, None] == labels[None, :])
+    metrics = {key: value for key, value in to_classes.items() if key.startswith("image_to_text")}
+    metrics.update({key: value for key, value in to_images.items() if key.startswith("text_to_image")})
+    metrics["zero_shot_accuracy"] = metrics["image_to_text/R@1"]
+    metrics["num_images"] = len(labels)
+    return metrics
+
+
+def evaluate_contrastive(run_config, workdir: str, step: int | None = None, *, num_images: int = 1000) -> str:
+    """Evaluates a contrastive run's checkpoint (None: latest; 0: initialisation) on the offline
+    Fashion-MNIST test split; writes and returns ``DIR/eval/contrastive_<step>.json``."""
+    from flamingo_jax import evaluate
+    from flamingo_jax.data.images import image_config_for
+    from flamingo_jax.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(run_config.tokenizer)
+    model, step, _, _ = evaluate.load_model(run_config, workdir, step)
+    metrics = fashion_mnist_zero_shot(
+        model, tokenizer, image_config_for(run_config.model.vision), num_images=num_images
+    )
+    record = {"task": "fashion_mnist_zero_shot", "kind": "contrastive", "step": step, "metrics": metrics}
+    out_dir = os.path.join(workdir, "eval")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"contrastive_{step}.json")
+    if jax.process_index() == 0:
+        with open(path + ".tmp", "w") as f:
+            json.dump(record, f, indent=1)
+        os.replace(path + ".tmp", path)
+    log.info("contrastive step %d: %s", step, ", ".join(f"{k} {v:.1f}" for k, v in metrics.items()))
+    return path
