@@ -17,11 +17,14 @@ from absl import app, flags
 
 from flamingo_jax import configs
 
-_GIN_FILE = flags.DEFINE_multi_string("gin_file", [], "The contrastive run's gin file(s).")
-_GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "Extra bindings; also spelled --gin.KEY=VALUE.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "The contrastive run's directory.")
-_OUTPUT = flags.DEFINE_string("output", None, "Where to write the vision parameter checkpoint.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+
+def define_flags() -> None:
+    """Command-line flags, defined only when run as a script (importing stays flag-free)."""
+    flags.DEFINE_multi_string("gin_file", [], "The contrastive run's gin file(s).")
+    flags.DEFINE_multi_string("gin_bindings", [], "Extra bindings; also spelled --gin.KEY=VALUE.")
+    flags.DEFINE_string("workdir", None, "The contrastive run's directory.")
+    flags.DEFINE_string("output", None, "Where to write the vision parameter checkpoint.")
+    flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 
 
 def export_vision(run_config, workdir: str, output: str, step: int | None = None) -> tuple[int, int]:
@@ -42,17 +45,19 @@ def export_vision(run_config, workdir: str, output: str, step: int | None = None
 
 
 def main(argv) -> None:
+    args = flags.FLAGS
     if len(argv) > 1:
         sys.exit(f"export_vision: unexpected arguments {argv[1:]}")
-    if not (_GIN_FILE.value and _WORKDIR.value and _OUTPUT.value):
+    if not (args.gin_file and args.workdir and args.output):
         sys.exit("export_vision: --gin_file, --workdir and --output are required")
-    configs.parse_gin(_GIN_FILE.value, _GIN_BINDINGS.value)
+    configs.parse_gin(args.gin_file, args.gin_bindings)
     try:
-        step, count = export_vision(configs.run_config(), _WORKDIR.value, _OUTPUT.value, _STEP.value)
+        step, count = export_vision(configs.run_config(), args.workdir, args.output, args.step)
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"export_vision: {error}")
-    print(f"wrote {count} vision arrays of step {step} to {_OUTPUT.value}")
+    print(f"wrote {count} vision arrays of step {step} to {args.output}")
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main, argv=configs.rewrite_gin_args(sys.argv))

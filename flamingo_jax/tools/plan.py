@@ -34,13 +34,17 @@ from absl import app, flags
 from flamingo_jax import configs, flops, sharding
 from flamingo_jax.batch import Batch
 
-_GIN_FILE = flags.DEFINE_multi_string("gin_file", [], "Run gin file(s); searched in experiments/ too.")
-_GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "Extra bindings; also spelled --gin.KEY=VALUE.")
-_TOPOLOGY = flags.DEFINE_string("topology", "v5p-256", "TPU topology, e.g. v5p-512, v4-128, v5e-256, v6e-64.")
-_DEPTH = flags.DEFINE_enum(
-    "depth", "auto", ["auto", "full", "extrapolate"], "Compile the full depth, or two short depths and extrapolate."
-)
-_OUTPUT = flags.DEFINE_string("output", None, "Also write the plan as JSON here.")
+
+def define_flags() -> None:
+    """Command-line flags, defined only when run as a script (importing stays flag-free)."""
+    flags.DEFINE_multi_string("gin_file", [], "Run gin file(s); searched in experiments/ too.")
+    flags.DEFINE_multi_string("gin_bindings", [], "Extra bindings; also spelled --gin.KEY=VALUE.")
+    flags.DEFINE_string("topology", "v5p-256", "TPU topology, e.g. v5p-512, v4-128, v5e-256, v6e-64.")
+    flags.DEFINE_enum(
+        "depth", "auto", ["auto", "full", "extrapolate"], "Compile the full depth, or two short depths and extrapolate."
+    )
+    flags.DEFINE_string("output", None, "Also write the plan as JSON here.")
+
 
 GIB = 1024**3
 
@@ -425,13 +429,14 @@ def format_plan(result: dict) -> str:
 
 
 def main(argv) -> None:
+    args = flags.FLAGS
     if len(argv) > 1:
         sys.exit(f"flamingo_jax.tools.plan: unexpected arguments {argv[1:]}")
-    if not _GIN_FILE.value:
+    if not args.gin_file:
         sys.exit("flamingo_jax.tools.plan: --gin_file is required, e.g. --gin_file=runs/flamingo_80b.gin")
     try:
-        _, num_chips = parse_topology(_TOPOLOGY.value)
-        configs.parse_gin(_GIN_FILE.value, _GIN_BINDINGS.value)
+        _, num_chips = parse_topology(args.topology)
+        configs.parse_gin(args.gin_file, args.gin_bindings)
         run_config = configs.run_config()
     except (ValueError, TypeError, FileNotFoundError) as error:
         sys.exit(f"flamingo_jax.tools.plan: {error}")
@@ -439,14 +444,15 @@ def main(argv) -> None:
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", num_chips)
     try:
-        result = plan(run_config, _TOPOLOGY.value, _DEPTH.value)
+        result = plan(run_config, args.topology, args.depth)
     except ValueError as error:
         sys.exit(f"flamingo_jax.tools.plan: {error}")
     print(format_plan(result))
-    if _OUTPUT.value:
-        with open(_OUTPUT.value, "w") as f:
+    if args.output:
+        with open(args.output, "w") as f:
             json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main, argv=configs.rewrite_gin_args(sys.argv))
