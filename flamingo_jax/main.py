@@ -92,25 +92,22 @@ def run_evaluation(run_config, eval_config, workdir: str, started: float) -> Non
     import dataclasses
 
     from flamingo_jax import evaluate, report
-
-    logger = logging.getLogger("flamingo_jax")
     from flamingo_jax.models.contrastive import ContrastiveConfig
 
+    logger = logging.getLogger("flamingo_jax")
+    steps = [eval_config.checkpoint_step]
+    if eval_config.include_init and eval_config.checkpoint_step != 0:
+        steps.append(0)
     if isinstance(run_config.model, ContrastiveConfig):  # stage 1: retrieval + zero-shot classification
         from flamingo_jax.evaluation.contrastive import evaluate_contrastive
 
-        steps = [eval_config.checkpoint_step]
-        if eval_config.include_init and eval_config.checkpoint_step != 0:
-            steps.append(0)
         try:
             for step in steps:
                 logger.info("wrote %s", evaluate_contrastive(run_config, workdir, step))
         except (ValueError, FileNotFoundError) as error:
             sys.exit(f"flamingo_jax.main: {error}")
         return
-    configs_to_run = [eval_config]
-    if eval_config.include_init and eval_config.checkpoint_step != 0:
-        configs_to_run.append(dataclasses.replace(eval_config, checkpoint_step=0))
+    configs_to_run = [dataclasses.replace(eval_config, checkpoint_step=step) for step in steps]
     try:
         for config in configs_to_run:
             for path in evaluate.evaluate(run_config, config, workdir).values():

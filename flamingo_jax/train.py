@@ -27,7 +27,6 @@ from flamingo_jax.models.flamingo import (
     FlamingoConfig,
     abstract_model,
     model_class,
-    token_loss,  # noqa: F401  (part of this module's interface)
     trainable_filter,
 )
 
@@ -125,9 +124,14 @@ def init_params(config: FlamingoConfig, mesh, rules, seed: int) -> tuple[nnx.Gra
         return flatten_state(trainable), flatten_state(frozen)
 
     with nnx.use_eager_sharding(False):
-        graphdef = nnx.split(abstract_model(config), trainable_filter(config), ...)[0]
         trainable, frozen = jax.jit(create, out_shardings=out_shardings)()
-    return graphdef, trainable, frozen
+    return model_graphdef(config), trainable, frozen
+
+
+def model_graphdef(config: FlamingoConfig) -> nnx.GraphDef:
+    """The model's structure, split (trainable, frozen) as the flat parameter dicts are."""
+    with nnx.use_eager_sharding(False):
+        return nnx.split(abstract_model(config), trainable_filter(config), ...)[0]
 
 
 def merge_model(graphdef: nnx.GraphDef, trainable: FlatParams, frozen: FlatParams) -> nnx.Module:
@@ -195,9 +199,6 @@ def gate_values(params: FlatParams) -> dict[str, jax.Array]:
     return gates
 
 
-SEQUENTIAL_DATASETS = True
-
-
 def make_train_step(graphdef, tx: optax.GradientTransformation, loss_weights: dict[str, float], schedule):
     """``step(state, frozen, batches) -> (state, metrics)`` for a {dataset name: Batch} mixture;
     datasets absent from ``batches`` (the 'sample' strategy) contribute nothing that step."""
@@ -213,7 +214,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_weights: di
             if name not in batches:
                 continue
             batch = batches[name]
-            if SEQUENTIAL_DATASETS and metrics:
+            if metrics:
                 # One dataset's forward/backward after the other's: without this barrier XLA may
                 # run all the datasets' forward passes first and hold all their activations.
                 grads, batch = jax.lax.optimization_barrier((grads, batch))

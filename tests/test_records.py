@@ -9,11 +9,11 @@ import jax
 import numpy as np
 import pytest
 
-from flamingo_jax import configs, train
+from flamingo_jax import configs
 from flamingo_jax.batch import Batch, validate
 from flamingo_jax.data import builders, records
 from flamingo_jax.data.images import ImageConfig
-from flamingo_jax.models.flamingo import create_flamingo
+from flamingo_jax.models.flamingo import create_flamingo, token_loss
 from flamingo_jax.tokenizer import Tokenizer
 
 from conftest import encoded_image as _jpeg
@@ -55,7 +55,7 @@ def test_webdataset_pairs_skip_and_count_bad_records(pairs_dir, tmp_path):
     validate(batch, image_shape=(16, 16, 3), vocab_size=config.total_vocab_size)
     model = create_flamingo(config)
     logits, _ = model(batch.tokens, batch.image_index, batch.image_mask, batch.images)
-    loss, count = jax.jit(train.token_loss)(logits, batch)
+    loss, count = jax.jit(token_loss)(logits, batch)
     assert np.isfinite(float(loss)) and float(count) > 0
 
 

@@ -16,11 +16,11 @@ import pytest
 from PIL import Image
 from test_records import skip_counts
 
-from flamingo_jax import configs, train
+from flamingo_jax import configs
 from flamingo_jax.batch import Batch, validate
 from flamingo_jax.data import builders, mixture, records
 from flamingo_jax.data.images import ImageConfig
-from flamingo_jax.models.flamingo import create_flamingo
+from flamingo_jax.models.flamingo import create_flamingo, token_loss
 from flamingo_jax.tokenizer import Tokenizer
 
 IMAGE = ImageConfig(image_size=16)
@@ -141,7 +141,7 @@ def test_video_captions_frames_at_one_fps(video_dir, tmp_path):
     config = configs.load_model_config("models/tiny.gin", ["LlamaConfig.vocab_size = 259"])
     validate(batch, image_shape=(16, 16, 3), vocab_size=config.total_vocab_size)
     logits, _ = create_flamingo(config)(batch.tokens, batch.image_index, batch.image_mask, batch.images)
-    loss, count = jax.jit(train.token_loss)(logits, batch)
+    loss, count = jax.jit(token_loss)(logits, batch)
     assert np.isfinite(float(loss)) and float(count) > 0
 
 

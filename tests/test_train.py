@@ -13,6 +13,7 @@ import pytest
 from flamingo_jax import configs, sharding, train
 from flamingo_jax.batch import Batch
 from flamingo_jax.data import mixture
+from flamingo_jax.models.flamingo import token_loss
 
 
 def smoke_config(*bindings) -> train.RunConfig:
@@ -95,9 +96,9 @@ def test_loss_with_no_counted_target_is_zero_not_nan():
         image_index=jnp.zeros((2, 5), jnp.int32),
         loss_mask=jnp.zeros((2, 5)),
     )
-    loss, count = train.token_loss(logits, batch)
+    loss, count = token_loss(logits, batch)
     assert float(loss) == 0.0 and float(count) == 0.0
-    loss, count = train.token_loss(logits, dataclasses.replace(batch, loss_mask=jnp.ones((2, 5))))
+    loss, count = token_loss(logits, dataclasses.replace(batch, loss_mask=jnp.ones((2, 5))))
     np.testing.assert_allclose(float(loss), np.log(11), rtol=1e-6)
     assert float(count) == 8  # the last position predicts nothing
 

@@ -103,17 +103,7 @@ class TextEncoder(nnx.Module):
         self.position_embed = nnx.Param(
             init(rngs.params(), (config.max_length, config.width), config.param_dtype), out_sharding=(None, "embed")
         )
-        block = lambda: EncoderBlock(
-            config.width,
-            config.num_heads,
-            config.mlp_dim,
-            activation=config.activation,
-            norm_eps=config.norm_eps,
-            param_dtype=config.param_dtype,
-            dtype=config.dtype,
-            rngs=rngs,
-        )
-        self.blocks = nnx.List([block() for _ in range(config.depth)])
+        self.blocks = nnx.List([EncoderBlock(config, rngs=rngs) for _ in range(config.depth)])
         self.final_norm = layers.layer_norm(
             config.width, eps=config.norm_eps, param_dtype=config.param_dtype, rngs=rngs
         )

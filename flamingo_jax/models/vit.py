@@ -60,24 +60,18 @@ class ViTConfig:
 
 
 class EncoderBlock(nnx.Module):
-    """Pre-LN bidirectional transformer block (the ViT's, and the contrastive text encoder's)."""
+    """Pre-LN bidirectional transformer block (the ViT's, and the contrastive text encoder's).
 
-    def __init__(
-        self,
-        width: int,
-        num_heads: int,
-        mlp_dim: int,
-        *,
-        activation: str,
-        norm_eps: float,
-        param_dtype: str,
-        dtype: str,
-        rngs: nnx.Rngs,
-    ):
-        self.num_heads, self.activation = num_heads, activation
-        norm = lambda: layers.layer_norm(width, eps=norm_eps, param_dtype=param_dtype, rngs=rngs)
+    ``config``: a ViTConfig or TextEncoderConfig (``width``, ``num_heads``, ``mlp_dim``,
+    ``activation``, ``norm_eps``, ``param_dtype``, ``dtype``).
+    """
+
+    def __init__(self, config, *, rngs: nnx.Rngs):
+        self.num_heads, self.activation = config.num_heads, config.activation
+        width, param_dtype = config.width, config.param_dtype
+        norm = lambda: layers.layer_norm(width, eps=config.norm_eps, param_dtype=param_dtype, rngs=rngs)
         dense = lambda i, o, names: layers.Dense(
-            i, o, names, use_bias=True, param_dtype=param_dtype, dtype=dtype, rngs=rngs
+            i, o, names, use_bias=True, param_dtype=param_dtype, dtype=config.dtype, rngs=rngs
         )
         self.norm1 = norm()
         self.q_proj = dense(width, width, ("embed", "heads"))
@@ -85,8 +79,8 @@ class EncoderBlock(nnx.Module):
         self.v_proj = dense(width, width, ("embed", "heads"))
         self.out_proj = dense(width, width, ("heads", "embed"))
         self.norm2 = norm()
-        self.fc1 = dense(width, mlp_dim, ("embed", "mlp"))
-        self.fc2 = dense(mlp_dim, width, ("mlp", "embed"))
+        self.fc1 = dense(width, config.mlp_dim, ("embed", "mlp"))
+        self.fc2 = dense(config.mlp_dim, width, ("mlp", "embed"))
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         """x: float[B, T, W]; mask: optional bool[B, T, T] of allowed (query, key) pairs."""
@@ -118,17 +112,7 @@ class ViT(nnx.Module):
             out_sharding=(None, "embed"),
         )
         self.pre_norm = layers.layer_norm(config.width, eps=config.norm_eps, param_dtype=config.param_dtype, rngs=rngs)
-        block = lambda: EncoderBlock(
-            config.width,
-            config.num_heads,
-            config.mlp_dim,
-            activation=config.activation,
-            norm_eps=config.norm_eps,
-            param_dtype=config.param_dtype,
-            dtype=config.dtype,
-            rngs=rngs,
-        )
-        self.blocks = nnx.List([block() for _ in range(config.depth)])
+        self.blocks = nnx.List([EncoderBlock(config, rngs=rngs) for _ in range(config.depth)])
         self.post_norm = layers.layer_norm(config.width, eps=config.norm_eps, param_dtype=config.param_dtype, rngs=rngs)
 
     def __call__(self, images: jax.Array) -> jax.Array:

@@ -220,15 +220,11 @@ def abstract_inputs(run_config, mesh) -> AbstractInputs:
 
 def compile_step(run_config, mesh) -> Compiled:
     """AOT-compiles ``run_config``'s train step on ``mesh`` and reads XLA's analyses."""
-    from flax import nnx
-
     from flamingo_jax import train
-    from flamingo_jax.models.flamingo import abstract_model, trainable_filter
 
     model_config = run_config.model
     inputs = abstract_inputs(run_config, mesh)
-    with nnx.use_eager_sharding(False):
-        graphdef = nnx.split(abstract_model(model_config), trainable_filter(model_config), ...)[0]
+    graphdef = train.model_graphdef(model_config)
     frozen_shardings = {key: value.sharding for key, value in inputs.frozen.items()}
     step_fn = train.jit_train_step(run_config, graphdef, inputs.tx, inputs.state_shardings, frozen_shardings)
     started = time.perf_counter()
