@@ -91,3 +91,31 @@ def test_torch_free_reader_matches_torch_load(tmp_path):
     torch.save({"bad": print}, tmp_path / "code.pth")
     with pytest.raises(Exception, match=r"refusing to load (__builtin__|builtins)\.print"):
         load_state_dict(str(tmp_path / "code.pth"))
+
+
+@pytest.mark.parametrize("size,kernel,stride", [(9, 3, 1), (9, 5, 2), (8, 3, 2), (7, 5, 1), (2, 5, 2)])
+def test_depthwise_conv_matches_xla_convolution(size, kernel, stride):
+    """The CPU depthwise path (shifted multiply-adds) gives XLA's 'SAME' grouped convolution,
+    forward and gradient, for odd and even sizes, both strides, kernels larger than the input."""
+    import jax
+    import jax.numpy as jnp
+
+    from flamingo_jax.models import layers
+
+    rng = np.random.default_rng(size * 100 + kernel * 10 + stride)
+    x = jnp.asarray(rng.normal(size=(3, size, size + 1, 6)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(kernel, kernel, 1, 6)), jnp.float32)
+
+    def reference(x, w):
+        dims = ("NHWC", "HWIO", "NHWC")
+        return jax.lax.conv_general_dilated(x, w, (stride, stride), "SAME", dimension_numbers=dims, feature_group_count=6)
+
+    def ours(x, w):
+        return layers.depthwise_conv2d(x, w, stride)
+
+    np.testing.assert_allclose(ours(x, w), reference(x, w), rtol=1e-5, atol=1e-5)
+    grads = [jax.grad(lambda x, w, f=f: (f(x, w) ** 2).sum(), argnums=(0, 1))(x, w) for f in (ours, reference)]
+    for mine, theirs in zip(*grads, strict=True):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-4, atol=1e-4)
+    # layers.conv2d takes this path for depthwise kernels on the CPU backend.
+    np.testing.assert_array_equal(layers.conv2d(x, w, stride, groups=6), ours(x, w))
