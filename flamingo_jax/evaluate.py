@@ -24,25 +24,34 @@ log = logging.getLogger(__name__)
 
 
 def load_model(run_config: train.RunConfig, workdir: str, step: int | None):
-    """(model, step) with the parameters of ``step`` (None: latest; 0: initialisation)."""
+    """(model, step, mesh, rules) with the parameters of ``step`` (None: latest; 0: initialisation)."""
+    return next(load_models(run_config, workdir, [step]))
+
+
+def load_models(run_config: train.RunConfig, workdir: str, steps):
+    """Yields (model, step, mesh, rules) for each of ``steps`` (None: latest; 0: initialisation),
+    building the model and reading the pretrained weights once for all of them."""
     mesh = sharding.create_mesh(run_config.mesh)
     training = train.build_training(run_config, mesh)
-    if step != 0:
-        checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
-        try:
-            available = list(checkpointer.manager.all_steps())
-            if step is None:
-                step = checkpointer.latest_step()
-            if step is None or step not in available:
-                raise FileNotFoundError(
-                    f"no checkpoint {'at all' if step is None else f'at step {step}'} in {workdir}/checkpoints "
-                    f"(available: {sorted(available)}); EvalConfig.checkpoint_step=0 evaluates the initialisation"
-                )
-            training.state = checkpointer.restore_state(step, training.abstract_state())
-        finally:
-            checkpointer.close()
-    model = train.merge_model(training.graphdef, training.state.params, training.frozen)
-    return model, step, mesh, training.rules
+    initial = training.state
+    for step in steps:
+        state = initial
+        if step != 0:
+            checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+            try:
+                available = list(checkpointer.manager.all_steps())
+                if step is None:
+                    step = checkpointer.latest_step()
+                if step is None or step not in available:
+                    raise FileNotFoundError(
+                        f"no checkpoint {'at all' if step is None else f'at step {step}'} in {workdir}/checkpoints "
+                        f"(available: {sorted(available)}); EvalConfig.checkpoint_step=0 evaluates the "
+                        "initialisation"
+                    )
+                state = checkpointer.restore_state(step, training.abstract_state())
+            finally:
+                checkpointer.close()
+        yield train.merge_model(training.graphdef, state.params, training.frozen), step, mesh, training.rules
 
 
 def make_task(name: str, config: fewshot.EvalConfig) -> tasks.Task:
@@ -55,7 +64,13 @@ def make_task(name: str, config: fewshot.EvalConfig) -> tasks.Task:
 
 
 def evaluate(run_config: train.RunConfig, eval_config: fewshot.EvalConfig, workdir: str) -> dict[str, str]:
-    """Runs the evaluation; returns {task: path of its JSON}."""
+    """Runs the evaluation of ``eval_config.checkpoint_step``; returns {task: path of its JSON}."""
+    return evaluate_steps(run_config, eval_config, workdir, [eval_config.checkpoint_step])[0]
+
+
+def evaluate_steps(run_config: train.RunConfig, eval_config: fewshot.EvalConfig, workdir: str, steps) -> list[dict]:
+    """Runs the evaluation for each of ``steps`` (None: latest; 0: initialisation) on one model
+    build; returns [{task: path of its JSON}] in the order of ``steps``."""
     from flamingo_jax.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(run_config.tokenizer)
@@ -64,31 +79,34 @@ def evaluate(run_config: train.RunConfig, eval_config: fewshot.EvalConfig, workd
             f"RunConfig.tokenizer={run_config.tokenizer!r} has {tokenizer.base_vocab_size} base tokens but "
             f"LlamaConfig.vocab_size is {run_config.model.lm.vocab_size}"
         )
-    model, step, mesh, rules = load_model(run_config, workdir, eval_config.checkpoint_step)
     image_config = image_config_for(run_config.model.vision)
     out_dir = os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
-    written = {}
-    for name in eval_config.tasks:
-        task = make_task(name, eval_config)
-        with sharding.activation_sharding(mesh, rules):
-            result = fewshot.evaluate_task(model, tokenizer, task, eval_config, image_config=image_config)
-        record = {"task": name, "kind": task.kind, "step": step, "config": dataclasses.asdict(eval_config), **result}
-        path = os.path.join(out_dir, f"{name}_{step}.json")
-        if jax.process_index() == 0:
-            with open(path + ".tmp", "w") as f:
-                json.dump(record, f, indent=1)
-            os.replace(path + ".tmp", path)  # never a half-written file
-        for shots, values in result["results"].items():
-            metric = values["metric"]
-            log.info(
-                "%s step %d, %d-shot: %s %.2f ± %.2f",
-                name,
-                step,
-                shots,
-                metric,
-                values[metric],
-                values[f"{metric}_std"],
-            )
-        written[name] = path
-    return written
+    outputs = []
+    for model, step, mesh, rules in load_models(run_config, workdir, steps):
+        config = dataclasses.replace(eval_config, checkpoint_step=step)
+        written = {}
+        for name in eval_config.tasks:
+            task = make_task(name, eval_config)
+            with sharding.activation_sharding(mesh, rules):
+                result = fewshot.evaluate_task(model, tokenizer, task, eval_config, image_config=image_config)
+            record = {"task": name, "kind": task.kind, "step": step, "config": dataclasses.asdict(config), **result}
+            path = os.path.join(out_dir, f"{name}_{step}.json")
+            if jax.process_index() == 0:
+                with open(path + ".tmp", "w") as f:
+                    json.dump(record, f, indent=1)
+                os.replace(path + ".tmp", path)  # never a half-written file
+            for shots, values in result["results"].items():
+                metric = values["metric"]
+                log.info(
+                    "%s step %d, %d-shot: %s %.2f ± %.2f",
+                    name,
+                    step,
+                    shots,
+                    metric,
+                    values[metric],
+                    values[f"{metric}_std"],
+                )
+            written[name] = path
+        outputs.append(written)
+    return outputs

@@ -89,8 +89,6 @@ def main(argv) -> None:
 def run_evaluation(run_config, eval_config, workdir: str, started: float) -> None:
     """Evaluates the run (and its initialisation when ``EvalConfig.include_init``), then writes
     ``DIR/eval/report.md`` and ``report.png``."""
-    import dataclasses
-
     from flamingo_jax import evaluate, report
     from flamingo_jax.models.contrastive import ContrastiveConfig
 
@@ -107,10 +105,9 @@ def run_evaluation(run_config, eval_config, workdir: str, started: float) -> Non
         except (ValueError, FileNotFoundError) as error:
             sys.exit(f"flamingo_jax.main: {error}")
         return
-    configs_to_run = [dataclasses.replace(eval_config, checkpoint_step=step) for step in steps]
     try:
-        for config in configs_to_run:
-            for path in evaluate.evaluate(run_config, config, workdir).values():
+        for written in evaluate.evaluate_steps(run_config, eval_config, workdir, steps):
+            for path in written.values():
                 logger.info("wrote %s", path)
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"flamingo_jax.main: {error}")

@@ -9,6 +9,7 @@ dataset of the mixture (Flamingo Section 3) and applies AdamW with global-norm c
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -199,12 +200,19 @@ def gate_values(params: FlatParams) -> dict[str, jax.Array]:
     return gates
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, loss_weights: dict[str, float], schedule):
+def make_train_step(
+    graphdef, tx: optax.GradientTransformation, loss_weights: dict[str, float], schedule, unique_rows=None
+):
     """``step(state, frozen, batches) -> (state, metrics)`` for a {dataset name: Batch} mixture;
-    datasets absent from ``batches`` (the 'sample' strategy) contribute nothing that step."""
+    datasets absent from ``batches`` (the 'sample' strategy) contribute nothing that step.
+    ``unique_rows``: {dataset name: DatasetConfig.unique_rows} for those that set it."""
+    unique_rows = unique_rows or {}
 
-    def dataset_loss(params, frozen, batch: Batch):
-        return merge_model(graphdef, params, frozen).train_loss(batch)
+    def dataset_loss(params, frozen, batch: Batch, name: str):
+        model = merge_model(graphdef, params, frozen)
+        if unique_rows.get(name):
+            return model.train_loss(batch, unique_rows=unique_rows[name])
+        return model.train_loss(batch)
 
     def step(state: TrainState, frozen: FlatParams, batches: dict[str, Batch]):
         grads = jax.tree.map(jnp.zeros_like, state.params)
@@ -218,7 +226,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_weights: di
                 # One dataset's forward/backward after the other's: without this barrier XLA may
                 # run all the datasets' forward passes first and hold all their activations.
                 grads, batch = jax.lax.optimization_barrier((grads, batch))
-            (loss, count), dataset_grads = jax.value_and_grad(dataset_loss, has_aux=True)(state.params, frozen, batch)
+            (loss, count), dataset_grads = jax.value_and_grad(functools.partial(dataset_loss, name=name), has_aux=True)(
+                state.params, frozen, batch
+            )
             grads = jax.tree.map(lambda acc, g, w=weight: acc + w * g.astype(acc.dtype), grads, dataset_grads)
             total = total + weight * loss
             metrics[f"loss/{name}"] = loss
@@ -396,7 +406,13 @@ def jit_train_step(config: RunConfig, graphdef, tx, state_shardings: TrainState,
         for dataset in config.datasets
     }
     return jax.jit(
-        make_train_step(graphdef, tx, loss_weights, learning_rate_schedule(config.optimizer)),
+        make_train_step(
+            graphdef,
+            tx,
+            loss_weights,
+            learning_rate_schedule(config.optimizer),
+            {dataset.name: dataset.unique_rows for dataset in config.datasets if dataset.unique_rows},
+        ),
         in_shardings=(state_shardings, frozen_shardings, None),
         out_shardings=(state_shardings, state_shardings.step),
         donate_argnums=(0,),

@@ -108,7 +108,9 @@ def test_depthwise_conv_matches_xla_convolution(size, kernel, stride):
 
     def reference(x, w):
         dims = ("NHWC", "HWIO", "NHWC")
-        return jax.lax.conv_general_dilated(x, w, (stride, stride), "SAME", dimension_numbers=dims, feature_group_count=6)
+        return jax.lax.conv_general_dilated(
+            x, w, (stride, stride), "SAME", dimension_numbers=dims, feature_group_count=6
+        )
 
     def ours(x, w):
         return layers.depthwise_conv2d(x, w, stride)

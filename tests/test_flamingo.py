@@ -251,3 +251,34 @@ def test_every_parameter_has_logical_axis_names(tiny_config):
         assert names is not None, path
         assert len(names) == np.ndim(variable[...]), (path, names)
         assert all(name is None or isinstance(name, str) for name in names), (path, names)
+
+
+def test_unique_rows_gives_the_same_loss_and_gradients(tiny_config):
+    """Running the layers below the first xattn block once per distinct token row is exact:
+    same loss and trainable gradients with 3 distinct rows among 6, and when a batch has more
+    distinct rows than ``unique_rows`` (every row is then computed)."""
+    config = dataclasses.replace(tiny_config, xattn=dataclasses.replace(tiny_config.xattn, first_layer=1))
+    assert min(config.xattn_layer_indices) > 0
+    model = create_flamingo(config)
+    set_gates(model, 0.5)
+    base = make_batch(config, batch_size=6, seed=3)
+    rng = np.random.default_rng(0)
+    graphdef, trainable, rest = nnx.split(model, trainable_filter(config), ...)
+
+    def loss_and_grads(batch, unique_rows):
+        def loss(params):
+            return nnx.merge(graphdef, params, rest).train_loss(batch, unique_rows=unique_rows)[0]
+
+        return jax.jit(jax.value_and_grad(loss))(trainable)
+
+    repeated = dataclasses.replace(base, tokens=np.asarray(base.tokens)[[0, 1, 2, 0, 1, 2]])
+    distinct = dataclasses.replace(
+        base, tokens=rng.integers(0, config.lm.vocab_size, base.tokens.shape).astype(np.int32)
+    )
+    for batch in (repeated, distinct):
+        want_loss, want_grads = loss_and_grads(batch, 0)
+        got_loss, got_grads = loss_and_grads(batch, 3)
+        np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
+        for got, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+        assert sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(want_grads)) > 0

@@ -162,6 +162,7 @@ class Flamingo(nnx.Module):
         input_mask: jax.Array | None = None,
         positions: jax.Array | None = None,
         cache: KVCache | None = None,
+        unique_rows: int = 0,
     ) -> tuple[jax.Array, KVCache | None]:
         """Next-token logits conditioned on media.
 
@@ -171,6 +172,9 @@ class Flamingo(nnx.Module):
           image_mask: bool[B, N], real media slots; padded slots have no effect on any logit.
           images: float[B, N, F, H, W, C], or None when ``media_kv`` (from :meth:`media_kv`) is given.
           input_mask, positions, cache: as in :meth:`LlamaLM.backbone`.
+          unique_rows: > 0 runs the LM layers below the first cross-attention block once per
+            distinct token row (at most this many; every row when a batch has more), since they
+            see no image: exact, and much cheaper for templated text such as captioned pairs.
 
         Returns:
           (float32[B, T, lm.vocab_size + 2] logits, updated KV cache or None).
@@ -190,19 +194,43 @@ class Flamingo(nnx.Module):
             position = blocks[index]
             return self.xattn_layers[position](hidden, media_kv[position], mask)
 
+        hidden, layer_range = self.embed_tokens(tokens), None
+        if unique_rows:
+            if cache is not None or input_mask is not None or positions is not None:
+                raise ValueError("Flamingo: unique_rows is for training passes (no cache, mask or positions)")
+            if not blocks:
+                raise ValueError("Flamingo: unique_rows needs at least one cross-attention block")
+            first = min(blocks)
+            hidden = self._below_first_block(tokens, first, unique_rows)
+            layer_range = (first, self.config.lm.num_layers)
         hidden, cache = self.lm.backbone(
-            self.embed_tokens(tokens),
+            hidden,
             input_mask=input_mask,
             positions=positions,
             cache=cache,
             before_layer=before_layer,
+            layer_range=layer_range,
         )
         logits = jnp.concatenate([self.lm.logits(hidden), self.new_tokens.logits(hidden)], axis=-1)
         return logits, cache
 
-    def train_loss(self, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    def _below_first_block(self, tokens: jax.Array, stop: int, max_rows: int) -> jax.Array:
+        """float[B, T, W]: the LM's hidden states entering layer ``stop``, computed once per
+        distinct row of ``tokens`` when there are at most ``max_rows`` of them."""
+        lower = lambda rows: self.lm.backbone(self.embed_tokens(rows), layer_range=(0, stop))[0]
+        if max_rows >= tokens.shape[0]:
+            return lower(tokens)
+        rows, inverse = jnp.unique(tokens, axis=0, size=max_rows, fill_value=0, return_inverse=True)
+        inverse = inverse.reshape(-1)  # (B,) or (B, 1) depending on the numpy API level
+        return jax.lax.cond(
+            jnp.max(inverse) < max_rows,
+            lambda: jnp.take(lower(rows), inverse, axis=0),
+            lambda: lower(tokens),
+        )
+
+    def train_loss(self, batch: Batch, *, unique_rows: int = 0) -> tuple[jax.Array, jax.Array]:
         """(next-token loss over the targets ``loss_mask`` selects, number of targets)."""
-        logits, _ = self(batch.tokens, batch.image_index, batch.image_mask, batch.images)
+        logits, _ = self(batch.tokens, batch.image_index, batch.image_mask, batch.images, unique_rows=unique_rows)
         return token_loss(logits, batch)
 
 

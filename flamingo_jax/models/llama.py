@@ -197,6 +197,7 @@ class LlamaLM(nnx.Module):
         positions: jax.Array | None = None,
         cache: KVCache | None = None,
         before_layer=None,
+        layer_range: tuple[int, int] | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Runs the decoder layers and the final norm.
 
@@ -208,10 +209,15 @@ class LlamaLM(nnx.Module):
           cache: a KVCache to append these T tokens to, or None for a plain causal pass.
           before_layer: optional ``f(layer_index, hidden) -> hidden`` applied before each layer
             (how Flamingo inserts its cross-attention blocks).
+          layer_range: ``(start, stop)``: run only these layers (no cache); the final norm only
+            when ``stop`` is the last layer. ``hidden`` is then the input of layer ``start``.
 
         Returns:
-          (float[B, T, W] final-normed hidden states, updated cache or None).
+          (float[B, T, W] hidden states, final-normed when the last layer ran; updated cache or None).
         """
+        start_layer, stop_layer = layer_range or (0, self.config.num_layers)
+        if layer_range is not None and cache is not None:
+            raise ValueError("LlamaLM.backbone: layer_range does not work with a KV cache")
         batch, length, _ = hidden.shape
         if input_mask is None:
             input_mask = jnp.ones((batch, length), bool)
@@ -230,7 +236,8 @@ class LlamaLM(nnx.Module):
 
         hidden = sharding.constrain(hidden, _ACT)
         new_keys, new_values = [], []
-        for index, layer in enumerate(self.layers):
+        for index in range(start_layer, stop_layer):
+            layer = self.layers[index]
             if before_layer is not None:
                 hidden = before_layer(index, hidden)
             if cache is None and self.config.remat:
@@ -241,7 +248,8 @@ class LlamaLM(nnx.Module):
             hidden = sharding.constrain(hidden, _ACT)
             new_keys.append(keys)
             new_values.append(values)
-        hidden = self.final_norm(hidden)
+        if stop_layer == self.config.num_layers:
+            hidden = self.final_norm(hidden)
         if cache is None:
             return hidden, None
         new_cache = KVCache(tuple(new_keys), tuple(new_values), key_valid, start + length)
