@@ -29,14 +29,14 @@ def test_demo_config_end_to_end(tmp_path):
         "--gin.EvalConfig.shots=[0, 4]",
         "--gin.EvalConfig.batch_size=8",
         "--gin.EvalConfig.max_new_tokens=6",
-        "--gin.fashion_fewshot/DatasetConfig.options={'shots': 4, 'limit': 400}",
+        "--gin.fashion_fewshot/DatasetConfig.options={'shots': 4, 'limit': 400, 'repeat_class': 0.6}",
         "--gin.fashion_pairs/DatasetConfig.options={'limit': 400}",
     ]
     env = {**os.environ, "FLAMINGO_JAX_DATA": str(tmp_path / "data"), "XLA_FLAGS": ""}
     result = subprocess.run(command, capture_output=True, text=True, timeout=1500, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     assert os.path.isdir(workdir / "checkpoints" / "3")
-    for task in ("fashion_mnist", "skimage_captions"):
+    for task in ("fashion_mnist", "fashion_mnist_captions"):
         for step in (3, 0):  # the trained model and its initialisation
             with open(workdir / "eval" / f"{task}_{step}.json") as f:
                 record = json.load(f)

@@ -39,7 +39,12 @@ def test_eval_mode_writes_results_and_predictions(trained):
     files = ("runs/smoke_cpu.gin", "runs/eval_offline.gin")
     result = run_main(trained, "eval", *EVAL_BINDINGS, gin_files=files)
     assert result.returncode == 0, result.stderr[-3000:]
-    expected = {"fashion_mnist": "accuracy", "fashion_mnist_vqa": "accuracy", "skimage_captions": "CIDEr"}
+    expected = {
+        "fashion_mnist": "accuracy",
+        "fashion_mnist_vqa": "accuracy",
+        "fashion_mnist_captions": "CIDEr",
+        "skimage_captions": "CIDEr",
+    }
     for task, metric in expected.items():
         with open(os.path.join(trained, "eval", f"{task}_4.json")) as f:
             record = json.load(f)

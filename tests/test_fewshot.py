@@ -133,3 +133,20 @@ def test_dataset_readers(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"id": 3}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1: not a HatefulMemes record"):
         tasks.read_hateful_memes(str(tmp_path / "bad.jsonl"), str(tmp_path))
+
+
+def test_fashion_captions_are_held_out_and_read_like_training():
+    """The captioning task's queries are Fashion-MNIST test images, demonstrations come from the
+    train split, and the prompt is the training captions' layout: ``<image>`` then the caption."""
+    from flamingo_jax.data.builders import FASHION_MNIST_CAPTION, FASHION_MNIST_CLASSES
+    from flamingo_jax.evaluation.tasks import fashion_mnist_captioning
+
+    task = fashion_mnist_captioning(num_queries=5, pool_size=20)
+    assert task.kind == "captioning" and len(task.queries) == 5 and len(task.pool) == 20
+    assert all(e.id.startswith("test/") for e in task.queries) and all(e.id.startswith("train/") for e in task.pool)
+    for example in task.queries + task.pool:
+        assert example.answers == [FASHION_MNIST_CAPTION.format(FASHION_MNIST_CLASSES[example.label])]
+    rng = np.random.default_rng(0)
+    prompt = fewshot.build_prompt(task, task.pool[:2], task.queries[0], text_only=False, rng=rng)
+    first, second = (FASHION_MNIST_CAPTION.format(FASHION_MNIST_CLASSES[e.label]) for e in task.pool[:2])
+    assert prompt == f"<image> {first}<|endofchunk|><image> {second}<|endofchunk|><image>"

@@ -183,6 +183,42 @@ def test_fashion_mnist_pairs_and_few_shot_documents(tmp_path):
     assert int(example["image_mask"].sum()) == 4
 
 
+def test_fashion_mnist_documents_with_repeated_classes(tmp_path):
+    """repeat_class makes the earlier captions of a document evidence for the later ones (as
+    RICES demonstrations are): more later shots share an earlier shot's class, never the same
+    image twice; prepared records hold exactly those images and captions."""
+    from flamingo_jax.data.mixture import FASHION_MNIST_DIR
+
+    _, labels = builders.read_fashion_mnist(FASHION_MNIST_DIR, "train")
+    labels = labels[:4000]
+
+    def repeats(documents):
+        return np.mean([labels[d[k]] in set(labels[d[:k]]) for d in documents for k in range(1, len(d))])
+
+    def documents(repeat):
+        builder = builders.FashionMNISTFewShot.__new__(builders.FashionMNISTFewShot)
+        builder._shots, builder._repeat = 4, repeat  # noqa: SLF001
+        return builder._documents(labels)  # noqa: SLF001
+
+    independent, repeated = documents(0.0), documents(0.6)
+    assert len(independent) == len(repeated) == 1000
+    assert repeats(independent) < 0.25 < 0.55 < repeats(repeated)
+    assert all(len(set(d)) == 4 for d in repeated)
+    assert documents(0.6) == repeated  # deterministic
+    with pytest.raises(ValueError, match="repeat_class"):
+        builders.FashionMNISTFewShot(source=None, shots=4, repeat_class=1.5, data_dir=str(tmp_path / "bad"))
+
+    prepared = builders.prepare(
+        builders.FashionMNISTFewShot, source=None, shots=4, limit=4000, repeat_class=0.6, data_dir=str(tmp_path / "r")
+    )
+    source = prepared.as_data_source("train")
+    by_key = {bytes(source[i]["key"]).decode(): source[i] for i in range(len(source))}
+    for index in (0, 7, 999):
+        names = [builders.FASHION_MNIST_CLASSES[labels[i]] for i in repeated[index]]
+        texts = json.loads(by_key[f"train/{index}"]["texts"])
+        assert texts == [builders.FASHION_MNIST_CAPTION.format(n) for n in names]
+
+
 def test_skimage_photos_with_captions(tmp_path):
     builder = builders.prepare(builders.SkimagePhotos, source=None, data_dir=str(tmp_path / "s"))
     data = builder.as_data_source("train")

@@ -386,24 +386,66 @@ class FashionMNISTPairs(_Builder):
 class FashionMNISTFewShot(_Builder):
     """Fashion-MNIST as interleaved few-shot documents: ``shots`` images of a seeded shuffle,
     each followed by its caption (``<image>A photo of a {class}.<|endofchunk|>...``; use
-    ``p_next = 1`` to keep each image before its text)."""
+    ``p_next = 1`` to keep each image before its text).
+
+    ``repeat_class``: the probability that a shot after the first shows another image of the
+    class of an earlier shot of the same document. At 0 the shots are independent, their labels
+    say nothing about the next image, and a model trained on them learns to ignore its
+    demonstrations; above 0 the earlier captions are evidence, as demonstrations chosen by
+    similarity (RICES) are at evaluation."""
 
     FEATURES = DOCUMENT_FEATURES
     SPLITS = ("train", "test")
 
-    def __init__(self, *, source: str = FASHION_MNIST_DIR, shots: int = 8, limit: int | None = None, **kwargs):
+    def __init__(
+        self,
+        *,
+        source: str = FASHION_MNIST_DIR,
+        shots: int = 8,
+        limit: int | None = None,
+        repeat_class: float = 0.0,
+        **kwargs,
+    ):
         if shots < 1:
             raise ValueError(f"FashionMNISTFewShot: shots must be >= 1, got {shots}")
-        self._shots, self._limit = shots, limit
+        if not 0.0 <= repeat_class <= 1.0:
+            raise ValueError(f"FashionMNISTFewShot: repeat_class must be in [0, 1], got {repeat_class}")
+        self._shots, self._limit, self._repeat = shots, limit, repeat_class
         super().__init__(source=source, **kwargs)
-        self._remember(shots=shots, limit=limit)
+        self._remember(shots=shots, limit=limit, **({"repeat_class": repeat_class} if repeat_class else {}))
+
+    def _documents(self, labels: np.ndarray) -> list[list[int]]:
+        """Image indices of every document."""
+        order = np.random.default_rng(len(labels)).permutation(len(labels))
+        count = len(order) // self._shots
+        if not self._repeat:
+            return [list(order[d * self._shots : (d + 1) * self._shots]) for d in range(count)]
+        rng = np.random.default_rng([len(labels), 1])
+        of_class = {c: rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)}
+        taken = {c: 0 for c in of_class}
+        fresh = iter(order)
+        documents = []
+        for _ in range(count):
+            members = []
+            for _ in range(self._shots):
+                if members and rng.random() < self._repeat:
+                    cls = labels[members[int(rng.integers(len(members)))]]
+                    pool = of_class[cls]
+                    pick = pool[taken[cls] % len(pool)]
+                    taken[cls] += 1
+                    if pick in members and len(pool) > 1:  # another image of the class
+                        pick = pool[taken[cls] % len(pool)]
+                        taken[cls] += 1
+                    members.append(int(pick))
+                else:
+                    members.append(int(next(fresh)))
+            documents.append(members)
+        return documents
 
     def _generate_examples(self, split):
         images, labels = read_fashion_mnist(self._source, split)
         images, labels = images[: self._limit], labels[: self._limit]
-        order = np.random.default_rng(len(images)).permutation(len(images))
-        for document in range(len(order) // self._shots):
-            members = order[document * self._shots : (document + 1) * self._shots]
+        for document, members in enumerate(self._documents(labels)):
             key = f"{split}/{document}"
             texts = [FASHION_MNIST_CAPTION.format(FASHION_MNIST_CLASSES[labels[i]]) for i in members]
             yield key, _document(key, texts, [png_bytes(images[i]) for i in members], list(range(len(members))))

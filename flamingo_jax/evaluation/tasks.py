@@ -137,6 +137,23 @@ def fashion_mnist_vqa(*, num_queries: int = 500, pool_size: int = 2000, source: 
     return Task("fashion_mnist_vqa", "vqa", [convert(e) for e in task.queries], [convert(e) for e in task.pool])
 
 
+def fashion_mnist_captioning(*, num_queries: int = 1000, pool_size: int = 2000, source: str | None = None) -> Task:
+    """Captioning of held-out images: Fashion-MNIST test images, each to be captioned from the
+    image alone as the demo mixture captions the training images (``A photo of a {class}.``);
+    the prompt is just ``<image>`` (demonstrations: ``<image> {caption}<|endofchunk|>``)."""
+    from flamingo_jax.data.builders import FASHION_MNIST_CAPTION
+
+    task = fashion_mnist_classification(num_queries=num_queries, pool_size=pool_size, source=source)
+    convert = lambda e: dataclasses.replace(e, answers=[FASHION_MNIST_CAPTION.format(e.answers[0])])
+    return Task(
+        "fashion_mnist_captions",
+        "captioning",
+        [convert(e) for e in task.queries],
+        [convert(e) for e in task.pool],
+        templates=Templates("{answer}", "", "{answer}"),
+    )
+
+
 def skimage_captioning() -> Task:
     """scikit-image's real photographs, captioned by their loaders' docstrings; every photo is a
     query and the others are its demonstrations."""
@@ -254,5 +271,6 @@ def read_hateful_memes(
 OFFLINE_TASKS = {
     "fashion_mnist": fashion_mnist_classification,
     "fashion_mnist_vqa": fashion_mnist_vqa,
+    "fashion_mnist_captions": fashion_mnist_captioning,
     "skimage_captions": skimage_captioning,
 }
