@@ -22,24 +22,6 @@ import numpy as np
 from results_io import write_results  # bench/ is on sys.path when run as a script
 
 
-def xla_depthwise(x, kernel, stride=1):
-    import jax
-
-    from flamingo_jax import sharding
-
-    def conv(inputs, weights):
-        return jax.lax.conv_general_dilated(
-            inputs,
-            weights,
-            (stride, stride),
-            "SAME",
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            feature_group_count=inputs.shape[-1],
-        )
-
-    return sharding.map_over_batch(conv, x, kernel)  # what layers.conv2d did before
-
-
 def time_forward(size: int, *, xla: bool, repeats: int) -> tuple[float, np.ndarray]:
     import jax
     from flax import nnx
@@ -52,6 +34,8 @@ def time_forward(size: int, *, xla: bool, repeats: int) -> tuple[float, np.ndarr
         model = EfficientNet(EfficientNetConfig(image_size=size), rngs=nnx.Rngs(0))
     load_lite0(model)  # the real ImageNet weights: outputs of realistic size to compare
     images = np.random.default_rng(0).normal(size=(64, size, size, 3)).astype(np.float32)
+    # xla=True: the depthwise layers go through XLA's grouped convolution, as before the CPU path.
+    xla_depthwise = lambda x, kernel, stride: layers.xla_conv2d(x, kernel, stride, groups=x.shape[-1])
     with mock.patch.object(layers, "depthwise_conv2d", xla_depthwise) if xla else contextlib.nullcontext():
         forward = nnx.jit(lambda m, x: m(x))
         out = np.asarray(forward(model, images))

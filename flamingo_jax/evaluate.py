@@ -82,12 +82,12 @@ def evaluate_steps(run_config: train.RunConfig, eval_config: fewshot.EvalConfig,
     image_config = image_config_for(run_config.model.vision)
     out_dir = os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
+    tasks_to_run = {name: make_task(name, eval_config) for name in eval_config.tasks}  # read once for all steps
     outputs = []
     for model, step, mesh, rules in load_models(run_config, workdir, steps):
         config = dataclasses.replace(eval_config, checkpoint_step=step)
         written = {}
-        for name in eval_config.tasks:
-            task = make_task(name, eval_config)
+        for name, task in tasks_to_run.items():
             with sharding.activation_sharding(mesh, rules):
                 result = fewshot.evaluate_task(model, tokenizer, task, eval_config, image_config=image_config)
             record = {"task": name, "kind": task.kind, "step": step, "config": dataclasses.asdict(config), **result}

@@ -103,11 +103,16 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, groups: int = 1) ->
     all-gathers the whole batch for them and computes them replicated (found with
     ``flamingo_jax.tools.plan``: 2.8x the FLOPs per device for NFNet under data parallelism).
     On the CPU backend depthwise convolutions (one input channel per group) are written as k*k
-    shifted multiply-adds: XLA's CPU convolution is 10-40x slower for them (the EfficientNet
-    encoder at 64 px went from 10 to <1 ms per image).
+    shifted multiply-adds: XLA's CPU convolution is 10-40x slower for them (EfficientNet-Lite0 at
+    64 px went from 6.8 to 1.1 ms per image, ``bench/depthwise.py``).
     """
     if groups > 1 and groups == x.shape[-1] == kernel.shape[-1] and jax.default_backend() == "cpu":
         return depthwise_conv2d(x, kernel, stride)
+    return xla_conv2d(x, kernel, stride, groups)
+
+
+def xla_conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, groups: int = 1) -> jax.Array:
+    """:func:`conv2d` as XLA's convolution on every backend (grouped ones per batch shard)."""
 
     def conv(inputs, weights):
         return jax.lax.conv_general_dilated(
