@@ -2,7 +2,7 @@
 
 Builds the run's model exactly as training does (same gin files), restores the trainable
 parameters of the latest checkpoint in ``DIR/checkpoints`` (or ``EvalConfig.checkpoint_step``;
-0 evaluates the initialisation, gates at 0), runs every task of the ``EvalConfig`` with the few-shot
+0 evaluates the initialisation, the frozen LM), runs every task of the ``EvalConfig`` with the few-shot
 protocol and writes ``DIR/eval/<task>_<step>.json`` (metrics, the config, every prediction).
 """
 

@@ -29,6 +29,9 @@ def write_report(workdir: str, *, wall_time_s: float | None = None, images_per_t
     lines = [f"# Evaluation of {workdir}", ""]
     if wall_time_s is not None:
         lines += [f"Wall time (train + evaluate): {wall_time_s / 60:.1f} min", ""]
+    speed = _training_speed(workdir)
+    if speed:
+        lines += [speed, ""]
     all_shots = sorted({int(k) for r in records for k in r["results"]})
     lines.append("| task | step | metric | " + " | ".join(f"{s}-shot" for s in all_shots) + " |")
     lines.append("|---|---|---|" + "---|" * len(all_shots))
@@ -39,7 +42,7 @@ def write_report(workdir: str, *, wall_time_s: float | None = None, images_per_t
         for shots in all_shots:
             values = results.get(str(shots))
             cells.append("" if values is None else f"{values[metric]:.1f} ± {values[metric + '_std']:.1f}")
-        label = "init (gates 0)" if record["step"] == 0 else str(record["step"])
+        label = "init (frozen LM)" if record["step"] == 0 else str(record["step"])
         lines.append(f"| {record['task']} | {label} | {metric} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     _write_grid(workdir, records, images_per_task)
@@ -47,6 +50,23 @@ def write_report(workdir: str, *, wall_time_s: float | None = None, images_per_t
     with open(os.path.join(workdir, "eval", "report.md"), "w") as f:
         f.write(text)
     return text
+
+
+def _training_speed(workdir: str) -> str | None:
+    """'Training: N steps, median S s/step' from metrics.jsonl (the logged steps): with the step's
+    cost fixed by the config, it makes wall times comparable across machines; None without
+    logged steps."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    rows = [r for r in rows if "step_time_s" in r]
+    if not rows:
+        return None
+    step_time = float(np.median([r["step_time_s"] for r in rows]))
+    steps = max(int(r["step"]) for r in rows)
+    return f"Training: {steps} steps, median {step_time:.2f} s/step"
 
 
 def _write_grid(workdir: str, records: list[dict], per_task: int) -> None:

@@ -42,5 +42,6 @@ def test_demo_config_end_to_end(tmp_path):
                 record = json.load(f)
             assert set(record["results"]) == {"0", "4"}
     report = (workdir / "eval" / "report.md").read_text()
-    assert "| fashion_mnist | 3 | accuracy |" in report and "init (gates 0)" in report
+    assert "| fashion_mnist | 3 | accuracy |" in report and "init (frozen LM)" in report
+    assert "Training: 3 steps, median " in report
     assert os.path.getsize(workdir / "eval" / "report.png") > 10_000

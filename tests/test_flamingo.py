@@ -56,6 +56,32 @@ def test_zero_gates_equal_frozen_lm_exactly(tiny_config):
     assert logits.shape[-1] == tiny_config.total_vocab_size
 
 
+def test_zero_output_init_is_the_frozen_lm_and_trains_its_outputs_first(tiny_config):
+    config = dataclasses.replace(tiny_config, xattn=dataclasses.replace(tiny_config.xattn, init="zero_output"))
+    model = create_flamingo(config)
+    paper = create_flamingo(tiny_config)
+    batch = make_batch(config)
+    rng = np.random.default_rng(3)
+    images = rng.normal(size=batch.images.shape).astype(np.float32)
+    logits = np.asarray(jit_forward(model)(batch.tokens, batch.image_index, batch.image_mask, images))
+    np.testing.assert_array_equal(logits, _forward_batch(paper, batch))
+    for block in model.xattn_layers:
+        assert float(block.attn_gate[...]) == float(block.ffw_gate[...]) == config.xattn.gate_init != 0
+    # The gradient reaches the output projections at once, with the gates' sign already fixed.
+    graphdef, trainable, frozen = nnx.split(model, trainable_filter(config), ...)
+
+    def loss_fn(trainable):
+        out, _ = nnx.merge(graphdef, trainable, frozen)(batch.tokens, batch.image_index, batch.image_mask, images)
+        return (out[:, :-1] * jax.nn.one_hot(batch.tokens[:, 1:], out.shape[-1])).sum()
+
+    grads = jax.jit(jax.grad(loss_fn))(trainable)
+    for block in grads["xattn_layers"].values():
+        assert np.abs(np.asarray(block["to_out"]["linear"]["kernel"][...])).max() > 0
+        assert np.abs(np.asarray(block["ffw"]["fc2"]["linear"]["kernel"][...])).max() > 0
+    with pytest.raises(ValueError, match="XAttnConfig.init"):
+        XAttnConfig(init="ones")
+
+
 @pytest.mark.parametrize("attend", ["last", "all_previous"])
 def test_changing_image_k_changes_only_its_tokens(tiny_config, attend):
     """Directly (in each xattn block) a token sees only image ``image_index`` (or all previous

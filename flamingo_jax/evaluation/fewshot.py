@@ -45,7 +45,7 @@ class EvalConfig:
     num_beams: int = 3
     length_penalty: float = 0.0
     checkpoint_step: int | None = None
-    include_init: bool = False  # also evaluate the initialisation (gates at 0), for comparison
+    include_init: bool = False  # also evaluate the initialisation (the frozen LM), for comparison
 
     def __post_init__(self):
         if self.selection not in SELECTIONS:

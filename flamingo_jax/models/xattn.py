@@ -2,6 +2,10 @@
 
 ``y = y + tanh(alpha_xattn) * xattn(y, visual)`` then ``y = y + tanh(alpha_dense) * ffw(y)``, with
 both alphas initialised to 0 so that at initialisation the model is exactly the frozen LM.
+``XAttnConfig.init='zero_output'`` gets the same start from the other factor: the alphas start at
+``gate_init`` and the two output projections at 0 (the zero-initialised-output trick of adapters),
+so the gates' sign is fixed from the first step instead of drifting while the output projections
+are still random.
 Conditioning (which image each token sees) is an explicit argument, never layer state.
 """
 
@@ -18,6 +22,7 @@ from flamingo_jax.models.resampler import FeedForward
 
 PLACEMENTS = ("paper", "openflamingo")
 ATTEND_MODES = ("last", "all_previous")
+INITS = ("paper", "zero_output")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +40,9 @@ class XAttnConfig:
       first_layer: no block before LM layers below this one (blocks only in the upper layers:
         training then backpropagates through those layers only, when the new-token rows are
         frozen too).
+      init: 'paper' (alphas 0, output projections random) or 'zero_output' (alphas ``gate_init``,
+        the attention's and the feed-forward's output projections 0). Both start as the frozen LM.
+      gate_init: the alphas' start under 'zero_output'.
     """
 
     every: int = 1
@@ -46,8 +54,12 @@ class XAttnConfig:
     attend: str = "last"
     norm_eps: float = 1e-5
     first_layer: int = 0
+    init: str = "paper"
+    gate_init: float = 1.0
 
     def __post_init__(self):
+        if self.init not in INITS:
+            raise ValueError(f"XAttnConfig.init must be one of {INITS}, got {self.init!r}")
         if self.first_layer < 0:
             raise ValueError(f"XAttnConfig.first_layer must be >= 0, got {self.first_layer}")
         if self.every < 1:
@@ -101,7 +113,8 @@ class GatedCrossAttentionBlock(nnx.Module):
         self.to_k = dense(media_width, inner, ("media_embed", "heads"))
         self.to_v = dense(media_width, inner, ("media_embed", "heads"))
         self.to_out = dense(inner, lm_width, ("heads", "embed"))
-        self.attn_gate = nnx.Param(jnp.zeros((), jnp.float32), out_sharding=())
+        gate = config.gate_init if config.init == "zero_output" else 0.0
+        self.attn_gate = nnx.Param(jnp.full((), gate, jnp.float32), out_sharding=())
         self.ffw = FeedForward(
             lm_width,
             config.ffw_mult,
@@ -111,7 +124,10 @@ class GatedCrossAttentionBlock(nnx.Module):
             dtype=dtype,
             rngs=rngs,
         )
-        self.ffw_gate = nnx.Param(jnp.zeros((), jnp.float32), out_sharding=())
+        self.ffw_gate = nnx.Param(jnp.full((), gate, jnp.float32), out_sharding=())
+        if config.init == "zero_output":
+            for kernel in (self.to_out.linear.kernel, self.ffw.fc2.linear.kernel):
+                kernel[...] = jnp.zeros_like(kernel[...])
 
     def media_kv(self, visual: jax.Array) -> tuple[jax.Array, jax.Array]:
         """float[B, N, L, media_width] -> keys, values float[B, N * L, heads, head_dim].
