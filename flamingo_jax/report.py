@@ -10,6 +10,8 @@ import os
 
 import numpy as np
 
+from flamingo_jax import metrics
+
 
 def _records(workdir: str) -> list[dict]:
     records = []
@@ -56,12 +58,9 @@ def _training_speed(workdir: str) -> str | None:
     """'Training: N steps, median S s/step' from metrics.jsonl (the logged steps): with the step's
     cost fixed by the config, it makes wall times comparable across machines; None without
     logged steps."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
         return None
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    rows = [r for r in rows if "step_time_s" in r]
+    rows = [r for r in metrics.read_metrics(workdir) if "step_time_s" in r]
     if not rows:
         return None
     step_time = float(np.median([r["step_time_s"] for r in rows]))
