@@ -152,6 +152,13 @@ class PerceiverResampler(nnx.Module):
         self.norm = layers.layer_norm(config.width, eps=config.norm_eps, param_dtype=config.param_dtype, rngs=rngs)
 
     def __call__(self, features: jax.Array) -> jax.Array:
+        return self.trace(features)["output"]
+
+    def trace(self, features: jax.Array) -> dict[str, jax.Array]:
+        """The resampler's values on the way, by name: 'input' (the features after the time
+        embeddings and the input projection, float[B * N, F * V, width]), 'layer{k}' (the latents
+        after layer k, float[B * N, num_latents, width]) and 'output' (what ``__call__`` returns).
+        Under jit the ones not used are never computed."""
         config = self.config
         batch, num_media, num_frames, num_tokens, _ = features.shape
         dtype = jnp.dtype(config.dtype)
@@ -164,8 +171,11 @@ class PerceiverResampler(nnx.Module):
         latents = jnp.broadcast_to(
             self.latents[...].astype(dtype), (batch * num_media, config.num_latents, config.width)
         )
-        for layer in self.layers:
+        values = {"input": x}
+        for index, layer in enumerate(self.layers):
             latents = latents + layer.attention(x, latents)
             latents = latents + layer.ffw(latents)
+            values[f"layer{index}"] = latents
         out = layers.apply_norm(self.norm, latents)
-        return out.reshape(batch, num_media, config.num_latents, config.width)
+        values["output"] = out.reshape(batch, num_media, config.num_latents, config.width)
+        return values
