@@ -54,7 +54,8 @@ class EvalConfig:
             raise ValueError(f"EvalConfig: shots must be >= 0, seeds non-empty, sizes positive; got {self}")
 
 
-def _prepare(example: Example, image_config: ImageConfig) -> np.ndarray:
+def prepare_image(example: Example, image_config: ImageConfig) -> np.ndarray:
+    """An example's image as the model reads it at evaluation (no augmentation)."""
     return preprocess(np.asarray(example.load_image(), np.uint8), image_config, None)
 
 
@@ -66,7 +67,7 @@ class _ImageCache:
 
     def __call__(self, example: Example) -> np.ndarray:
         if example.id not in self._images:
-            self._images[example.id] = _prepare(example, self.config)
+            self._images[example.id] = prepare_image(example, self.config)
         return self._images[example.id]
 
 

@@ -17,7 +17,7 @@ standardised features and prints its test accuracy per stage:
   resampler/output  the visual tokens the cross-attention blocks read
 
 A stage whose accuracy falls during training has learned to discard what the encoder sees (the
-demo's resampler did so at its full learning rate: 77% at initialisation, 49% after 150 steps).
+demo's resampler did so at its full learning rate: 76.2% at initialisation, 59.8% after 150 steps).
 Writes ``DIR/eval/probe.json``.
 """
 
@@ -120,13 +120,11 @@ def fashion_mnist_probe_data(image_config, *, train_images: int, test_images: in
     """(train images, train labels, test images, test labels, number of classes): the first
     ``train_images`` Fashion-MNIST training images and ``test_images`` test images drawn as the
     few-shot evaluation draws its queries, preprocessed for evaluation."""
-    from flamingo_jax.data.images import preprocess
     from flamingo_jax.evaluation import tasks
+    from flamingo_jax.evaluation.fewshot import prepare_image
 
     task = tasks.fashion_mnist_classification(num_queries=test_images, pool_size=train_images)
-    prepare = lambda examples: np.stack(
-        [preprocess(np.asarray(e.load_image(), np.uint8), image_config, None) for e in examples]
-    )
+    prepare = lambda examples: np.stack([prepare_image(e, image_config) for e in examples])
     labels = lambda examples: np.asarray([e.label for e in examples])
     return prepare(task.pool), labels(task.pool), prepare(task.queries), labels(task.queries), len(task.class_names)
 
@@ -134,12 +132,11 @@ def fashion_mnist_probe_data(image_config, *, train_images: int, test_images: in
 def probe_model(model, data) -> dict[str, float]:
     """{stage: test accuracy} of ``model`` on ``data`` from :func:`fashion_mnist_probe_data`."""
     train_images, train_y, test_images, test_y, num_classes = data
-    train_features, test_features = pathway_features(model, train_images), pathway_features(model, test_images)
+    features = pathway_features(model, np.concatenate([train_images, test_images]))  # one compilation
+    split = len(train_images)
     return {
-        stage: linear_probe_accuracy(
-            train_features[stage], train_y, test_features[stage], test_y, num_classes=num_classes
-        )
-        for stage in train_features
+        stage: linear_probe_accuracy(values[:split], train_y, values[split:], test_y, num_classes=num_classes)
+        for stage, values in features.items()
     }
 
 
