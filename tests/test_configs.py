@@ -107,3 +107,16 @@ def test_paper_recipes(size):
     assert model is not None and configs.load_model_config(f"models/flamingo_{size}.gin") == model
     if size == "80b":  # 16-way model parallelism as in the paper
         assert (run_config.mesh.tensor, run_config.mesh.rules) == (16, "fsdp_tensor")
+
+
+def test_demo_eval_overrides_to_fewer_tasks():
+    """The demo's per-task settings (captions on 48 queries, the initialisation on classification)
+    stay valid when a command line evaluates fewer tasks."""
+    configs.parse_gin(["runs/demo_cpu.gin"])
+    full = configs.eval_config()
+    assert full.queries_for("fashion_mnist_captions") == 48 and full.queries_for("fashion_mnist") == 150
+    assert full.tasks_for(None) == ("fashion_mnist", "fashion_mnist_captions")
+    assert full.tasks_for(0) == ("fashion_mnist",)
+    configs.parse_gin(["runs/demo_cpu.gin"], ["EvalConfig.tasks=['fashion_mnist_captions']"])
+    fewer = configs.eval_config()
+    assert fewer.tasks_for(None) == ("fashion_mnist_captions",) and fewer.tasks_for(0) == ()

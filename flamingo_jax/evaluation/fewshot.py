@@ -54,17 +54,15 @@ class EvalConfig:
             raise ValueError(f"EvalConfig.selection={self.selection!r}; available: {list(SELECTIONS)}")
         if any(s < 0 for s in self.shots) or not self.seeds or self.num_queries < 1 or self.batch_size < 1:
             raise ValueError(f"EvalConfig: shots must be >= 0, seeds non-empty, sizes positive; got {self}")
-        for field in ("task_queries", "init_tasks"):
-            unknown = sorted(set(getattr(self, field) or ()) - set(self.tasks))
-            if unknown:
-                raise ValueError(f"EvalConfig.{field} names {unknown}, not in EvalConfig.tasks={list(self.tasks)}")
         for name, count in (self.task_queries or {}).items():
             if not isinstance(count, int) or count < 1:
                 raise ValueError(f"EvalConfig.task_queries[{name!r}]={count!r}: queries must be a positive int")
 
     def tasks_for(self, step: int | None) -> tuple[str, ...]:
-        """The tasks evaluated at ``step`` (0: the initialisation)."""
-        return self.tasks if step != 0 or self.init_tasks is None else tuple(self.init_tasks)
+        """The tasks evaluated at ``step`` (0: the initialisation: those of ``tasks`` in ``init_tasks``)."""
+        if step != 0 or self.init_tasks is None:
+            return tuple(self.tasks)
+        return tuple(name for name in self.tasks if name in self.init_tasks)
 
     def queries_for(self, task_name: str) -> int:
         """How many queries of ``task_name`` to evaluate."""
