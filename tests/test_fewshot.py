@@ -72,15 +72,19 @@ def test_every_kind_end_to_end(model, kind):
 
 
 def test_task_queries_and_init_tasks():
-    config = fewshot.EvalConfig(tasks=("a", "b"), num_queries=100, task_queries={"b": 48})
-    assert (config.queries_for("a"), config.queries_for("b")) == (100, 48)
-    assert fewshot.EvalConfig(tasks=("a",), task_queries={"c": 4}).queries_for("a") == 100  # c is not run
-    with pytest.raises(ValueError, match=r"task_queries\['a'\]=0"):
-        fewshot.EvalConfig(tasks=("a",), task_queries={"a": 0})
-    config = fewshot.EvalConfig(tasks=("a", "b"), init_tasks=("b",))
-    assert (config.tasks_for(None), config.tasks_for(500), config.tasks_for(0)) == (("a", "b"), ("a", "b"), ("b",))
-    assert fewshot.EvalConfig(tasks=("a", "b")).tasks_for(0) == ("a", "b")
-    assert fewshot.EvalConfig(tasks=("a",), init_tasks=("b",)).tasks_for(0) == ()
+    a, b, c = "fashion_mnist", "fashion_mnist_captions", "skimage_captions"
+    config = fewshot.EvalConfig(tasks=(a, b), num_queries=100, task_queries={b: 48})
+    assert (config.queries_for(a), config.queries_for(b)) == (100, 48)
+    assert fewshot.EvalConfig(tasks=(a,), task_queries={c: 4}).queries_for(a) == 100  # c is not run
+    with pytest.raises(ValueError, match=r"task_queries\['fashion_mnist'\]=0"):
+        fewshot.EvalConfig(tasks=(a,), task_queries={a: 0})
+    config = fewshot.EvalConfig(tasks=(a, b), init_tasks=(b,))
+    assert (config.tasks_for(None), config.tasks_for(500), config.tasks_for(0)) == ((a, b), (a, b), (b,))
+    assert fewshot.EvalConfig(tasks=(a, b)).tasks_for(0) == (a, b)
+    assert fewshot.EvalConfig(tasks=(a,), init_tasks=(b,)).tasks_for(0) == ()
+    # A name outside the task registry is refused when the config is built, before any training.
+    with pytest.raises(ValueError, match=r"EvalConfig.init_tasks: unknown tasks \['fashion'\]"):
+        fewshot.EvalConfig(tasks=(a,), init_tasks=("fashion",))
 
 
 def test_demonstrations_never_include_the_query_and_rices_picks_nearest():

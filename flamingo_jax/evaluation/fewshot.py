@@ -20,7 +20,7 @@ import tqdm
 from flamingo_jax.data.images import ImageConfig, preprocess
 from flamingo_jax.evaluation import metrics
 from flamingo_jax.evaluation.ranking import Rices, class_log_likelihoods, vision_features
-from flamingo_jax.evaluation.tasks import Example, Task
+from flamingo_jax.evaluation.tasks import OFFLINE_TASKS, Example, Task
 from flamingo_jax.generate import GenerateConfig, generate
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,10 @@ class EvalConfig:
             raise ValueError(f"EvalConfig.selection={self.selection!r}; available: {list(SELECTIONS)}")
         if any(s < 0 for s in self.shots) or not self.seeds or self.num_queries < 1 or self.batch_size < 1:
             raise ValueError(f"EvalConfig: shots must be >= 0, seeds non-empty, sizes positive; got {self}")
+        for field in ("task_queries", "init_tasks"):  # names of tasks not run are fine (gin overrides of tasks)
+            unknown = sorted(set(getattr(self, field) or ()) - set(OFFLINE_TASKS))
+            if unknown:
+                raise ValueError(f"EvalConfig.{field}: unknown tasks {unknown}; available: {sorted(OFFLINE_TASKS)}")
         for name, count in (self.task_queries or {}).items():
             if not isinstance(count, int) or count < 1:
                 raise ValueError(f"EvalConfig.task_queries[{name!r}]={count!r}: queries must be a positive int")

@@ -37,6 +37,11 @@ LITE_MEAN = (127.0 / 255.0,) * 3
 LITE_STD = (128.0 / 255.0,) * 3
 
 
+def stage_count(output_stage: int | None) -> int:
+    """How many stages of LITE_BLOCKS run for ``output_stage`` (None: all, then the head)."""
+    return len(LITE_BLOCKS) if output_stage is None else output_stage + 1
+
+
 @dataclasses.dataclass(frozen=True)
 class EfficientNetConfig:
     variant: str = "lite0"
@@ -65,7 +70,7 @@ class EfficientNetConfig:
     @property
     def stages(self) -> int:
         """How many stages of LITE_BLOCKS the features pass through."""
-        return len(LITE_BLOCKS) if self.output_stage is None else self.output_stage + 1
+        return stage_count(self.output_stage)
 
     @property
     def output_dim(self) -> int:
@@ -142,9 +147,8 @@ class EfficientNet(nnx.Module):
 
     def feature_map(self, images, *, output_stage: int | None = None):
         """The head's feature map, or with ``output_stage`` the output of that stage."""
-        stages = len(LITE_BLOCKS) if output_stage is None else output_stage + 1
         x = self.stem(images)
-        for block in self.blocks[: sum(stage[0] for stage in LITE_BLOCKS[:stages])]:
+        for block in self.blocks[: sum(stage[0] for stage in LITE_BLOCKS[: stage_count(output_stage)])]:
             x = block(x)
         return self.head(x) if output_stage is None else x
 
