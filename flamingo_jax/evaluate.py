@@ -28,15 +28,27 @@ def load_model(run_config: train.RunConfig, workdir: str, step: int | None):
     return next(load_models(run_config, workdir, [step]))
 
 
-def load_models(run_config: train.RunConfig, workdir: str, steps):
+def load_models(run_config: train.RunConfig, workdir: str, steps, trained: dict | None = None):
     """Yields (model, step, mesh, rules) for each of ``steps`` (None: latest; 0: initialisation),
-    building the model and reading the pretrained weights once for all of them."""
-    mesh = sharding.create_mesh(run_config.mesh)
-    training = train.build_training(run_config, mesh)
-    initial = training.state
+    building the model and reading the pretrained weights once for all of them.
+
+    ``trained``: the summary ``train.train`` returned in this process; its final state and
+    initial parameters are used as they are instead of building the model and reading the
+    checkpoint again (the model is only rebuilt for an initialisation it did not keep)."""
+    training, initial = None, None
+    if trained is not None:
+        training, initial = trained["training"], trained["initial_params"]
+        if initial is None and 0 in steps:
+            training = None  # a resumed run: rebuild for the initialisation
+    if training is None:
+        training = train.build_training(run_config, sharding.create_mesh(run_config.mesh))
+        initial = training.state.params
+    mesh = training.mesh
     for step in steps:
-        state = initial
-        if step != 0:
+        params = initial
+        if trained is not None and step in (None, int(trained["training"].state.step)):
+            step, params = int(trained["training"].state.step), trained["training"].state.params
+        elif step != 0:
             checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
             try:
                 available = list(checkpointer.manager.all_steps())
@@ -48,10 +60,10 @@ def load_models(run_config: train.RunConfig, workdir: str, steps):
                         f"(available: {sorted(available)}); EvalConfig.checkpoint_step=0 evaluates the "
                         "initialisation"
                     )
-                state = checkpointer.restore_state(step, training.abstract_state())
+                params = checkpointer.restore_state(step, training.abstract_state()).params
             finally:
                 checkpointer.close()
-        yield train.merge_model(training.graphdef, state.params, training.frozen), step, mesh, training.rules
+        yield train.merge_model(training.graphdef, params, training.frozen), step, mesh, training.rules
 
 
 def make_task(name: str, config: fewshot.EvalConfig) -> tasks.Task:
@@ -68,9 +80,12 @@ def evaluate(run_config: train.RunConfig, eval_config: fewshot.EvalConfig, workd
     return evaluate_steps(run_config, eval_config, workdir, [eval_config.checkpoint_step])[0]
 
 
-def evaluate_steps(run_config: train.RunConfig, eval_config: fewshot.EvalConfig, workdir: str, steps) -> list[dict]:
+def evaluate_steps(
+    run_config: train.RunConfig, eval_config: fewshot.EvalConfig, workdir: str, steps, trained: dict | None = None
+) -> list[dict]:
     """Runs the evaluation for each of ``steps`` (None: latest; 0: initialisation) on one model
-    build; returns [{task: path of its JSON}] in the order of ``steps``."""
+    build (``trained``: see :func:`load_models`); returns [{task: path of its JSON}] in the order
+    of ``steps``."""
     from flamingo_jax.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(run_config.tokenizer)
@@ -84,7 +99,7 @@ def evaluate_steps(run_config: train.RunConfig, eval_config: fewshot.EvalConfig,
     os.makedirs(out_dir, exist_ok=True)
     tasks_to_run = {name: make_task(name, eval_config) for name in eval_config.tasks}  # read once for all steps
     outputs = []
-    for model, step, mesh, rules in load_models(run_config, workdir, steps):
+    for model, step, mesh, rules in load_models(run_config, workdir, steps, trained):
         config = dataclasses.replace(eval_config, checkpoint_step=step)
         written = {}
         for name in config.tasks_for(step):

@@ -83,12 +83,13 @@ def main(argv) -> None:
         "finished at step %d%s", summary["step"], " (preempted)" if summary["preempted"] else ""
     )
     if run_config.evaluate_at_end and not summary["preempted"]:
-        run_evaluation(run_config, eval_config, workdir, started)
+        run_evaluation(run_config, eval_config, workdir, started, summary)
 
 
-def run_evaluation(run_config, eval_config, workdir: str, started: float) -> None:
+def run_evaluation(run_config, eval_config, workdir: str, started: float, trained: dict | None = None) -> None:
     """Evaluates the run (and its initialisation when ``EvalConfig.include_init``), then writes
-    ``DIR/eval/report.md`` and ``report.png``."""
+    ``DIR/eval/report.md`` and ``report.png``. ``trained``: the summary of the training that just
+    ran in this process, whose model is evaluated as it is (no rebuild, no checkpoint read)."""
     from flamingo_jax import evaluate, report
     from flamingo_jax.models.contrastive import ContrastiveConfig
 
@@ -106,7 +107,7 @@ def run_evaluation(run_config, eval_config, workdir: str, started: float) -> Non
             sys.exit(f"flamingo_jax.main: {error}")
         return
     try:
-        for written in evaluate.evaluate_steps(run_config, eval_config, workdir, steps):
+        for written in evaluate.evaluate_steps(run_config, eval_config, workdir, steps, trained):
             for path in written.values():
                 logger.info("wrote %s", path)
     except (ValueError, FileNotFoundError) as error:

@@ -282,6 +282,9 @@ class RunConfig:
     tokenizer: str = "bytes"
     mixture_strategy: str = "accumulate"
     data_workers: int = 0
+    # Threads of this process preparing the next steps' batches while a step runs (0: each
+    # step's batches are prepared before it, in the training loop).
+    data_threads: int = 0
 
     def __post_init__(self):
         if not self.datasets:
@@ -295,8 +298,9 @@ class RunConfig:
             raise ValueError(
                 f"RunConfig.mixture_strategy={self.mixture_strategy!r}; available: {list(mixture.STRATEGIES)}"
             )
-        if self.data_workers < 0:
-            raise ValueError(f"RunConfig.data_workers must be >= 0, got {self.data_workers}")
+        for name in ("data_workers", "data_threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"RunConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.init_from is not None and not os.path.isdir(self.init_from):
             raise FileNotFoundError(f"RunConfig.init_from: no checkpoint directory at {self.init_from!r}")
 
@@ -420,8 +424,9 @@ def jit_train_step(config: RunConfig, graphdef, tx, state_shardings: TrainState,
 
 
 def train(config: RunConfig, workdir: str) -> dict:
-    """Trains (or resumes) a run in ``workdir``. Returns a summary with the final step and
-    whether the run stopped early for preemption."""
+    """Trains (or resumes) a run in ``workdir``. Returns a summary: the final ``step``, whether
+    the run stopped early for ``preempted``, the ``training`` (its final state) and the
+    ``initial_params`` (None for a resumed run), which evaluation reuses instead of rebuilding."""
     from flamingo_jax import checkpointing, flops, metrics
     from flamingo_jax.data import mixture
     from flamingo_jax.data.images import image_config_for
@@ -455,7 +460,7 @@ def train(config: RunConfig, workdir: str) -> dict:
         image_config=image_config_for(model_config.vision),
         strategy=config.mixture_strategy,
     )
-    iterator = mixture.mixture_iterator(dataset, workers=config.data_workers)
+    iterator = mixture.mixture_iterator(dataset, workers=config.data_workers, prefetch_threads=config.data_threads)
 
     checkpointer = checkpointing.Checkpointer(
         os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints, async_save=config.async_checkpointing
@@ -465,6 +470,9 @@ def train(config: RunConfig, workdir: str) -> dict:
         training.state = checkpointer.restore(latest, training.abstract_state(), iterator)
         log.info("resumed from the checkpoint at step %d", latest)
     start_step = int(training.state.step)
+    # The step donates the state: a copy of the initialisation's parameters for evaluating it
+    # after training without rebuilding the model.
+    initial_params = jax.tree.map(jnp.copy, training.state.params) if start_step == 0 else None
 
     shapes = {name: {key: value.shape for key, value in fields.items()} for name, fields in dataset.first().items()}
     dataset_flops = {
@@ -524,4 +532,9 @@ def train(config: RunConfig, workdir: str) -> dict:
         checkpointer.close()
         iterator.close()
         writer.close()
-    return {"step": int(training.state.step), "preempted": preempted}
+    return {
+        "step": int(training.state.step),
+        "preempted": preempted,
+        "training": training,
+        "initial_params": initial_params,
+    }

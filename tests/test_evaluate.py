@@ -78,6 +78,31 @@ def test_eval_mode_writes_results_and_predictions(trained):
     assert result.returncode != 0 and "EvalConfig.task_queries: unknown tasks ['fashion']" in result.stderr
 
 
+def test_evaluation_at_the_end_of_training_reuses_the_trained_model(tmp_path):
+    """``RunConfig.evaluate_at_end`` evaluates the model the training holds (and the initial
+    parameters it kept) without rebuilding it: the same results and predictions as ``--mode=eval``
+    on the run's checkpoint, which rebuilds the model and restores the parameters."""
+    files = ("runs/smoke_cpu.gin", "runs/eval_offline.gin")
+    bindings = [*EVAL_BINDINGS, "EvalConfig.tasks=['fashion_mnist']", "EvalConfig.include_init=True"]
+    run = ["TRAIN_STEPS=3", "CHECKPOINT_EVERY=3", "RunConfig.evaluate_at_end=True"]
+    result = run_main(tmp_path, "train", *run, *bindings, gin_files=files)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    def records():
+        out = {}
+        for step in (3, 0):
+            with open(os.path.join(tmp_path, "eval", f"fashion_mnist_{step}.json")) as f:
+                record = json.load(f)
+            out[step] = (record["results"], record["predictions"])
+        return out
+
+    at_end = records()
+    result = run_main(tmp_path, "eval", *bindings, gin_files=files)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert records() == at_end
+    assert at_end[3][1] != at_end[0][1]  # the trained model and its initialisation differ
+
+
 NOTEBOOK = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks", "evaluate_checkpoint.ipynb"
 )

@@ -172,6 +172,18 @@ def test_kv_cache_decoding_matches_full_forward(tiny_config):
         pieces.append(np.asarray(logits))
     np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, atol=2e-5, rtol=1e-5)
     assert int(cache.end) == 12
+    # A prefill that projects only its last position onto the vocabulary (evaluation's prompts).
+    last, last_cache = nnx.merge(graphdef, state)(
+        batch.tokens[:, :5],
+        batch.image_index[:, :5],
+        batch.image_mask,
+        media_kv=media_kv,
+        cache=KVCache.create(tiny_config.lm, batch_size=2, max_length=16),
+        last_only=True,
+    )
+    assert last.shape == (2, 1, full.shape[-1])
+    np.testing.assert_allclose(np.asarray(last), full[:, 4:5], atol=2e-5, rtol=1e-5)
+    assert int(last_cache.end) == 5
 
 
 def test_left_padded_cache_matches_unpadded(tiny_config):

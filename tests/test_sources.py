@@ -284,12 +284,14 @@ def _pairs_mixture(pairs_dir, tmp_path, strategy):
     )
 
 
-@pytest.mark.parametrize("strategy,workers", [("accumulate", 0), ("sample", 0), ("accumulate", 2)])
-def test_iterator_restores_mid_stream_with_skip_counts(pairs_dir, tmp_path, strategy, workers):
+@pytest.mark.parametrize(
+    "strategy,workers,threads", [("accumulate", 0, 0), ("sample", 0, 0), ("accumulate", 2, 0), ("accumulate", 0, 1)]
+)
+def test_iterator_restores_mid_stream_with_skip_counts(pairs_dir, tmp_path, strategy, workers, threads):
     """Restoring the iterator state continues with exactly the same batches and skip counts,
-    also with decoding worker processes."""
+    also with decoding worker processes or prefetching threads."""
     dataset = _pairs_mixture(pairs_dir, tmp_path, strategy)
-    first = mixture.mixture_iterator(dataset, workers=workers)
+    first = mixture.mixture_iterator(dataset, workers=workers, prefetch_threads=threads)
     try:
         for _ in range(3):
             next(first)
@@ -300,7 +302,7 @@ def test_iterator_restores_mid_stream_with_skip_counts(pairs_dir, tmp_path, stra
     finally:
         first.close()
     assert any(key.startswith("skipped/wds/") for key in counts_after), counts_after
-    resumed = mixture.mixture_iterator(dataset, workers=workers)
+    resumed = mixture.mixture_iterator(dataset, workers=workers, prefetch_threads=threads)
     try:
         resumed.set_state(state)
         assert resumed.skipped == counts_then

@@ -26,7 +26,9 @@ def _score(graphdef, state, tokens, input_mask, image_index, image_mask, images,
     num_classes, class_length = classes.shape
     media_kv = model.media_kv(model.encode_media(images))
     cache = KVCache.create(model.config.lm, batch, prompt_length + class_length)
-    logits, cache = model(tokens, image_index, image_mask, media_kv=media_kv, input_mask=input_mask, cache=cache)
+    logits, cache = model(
+        tokens, image_index, image_mask, media_kv=media_kv, input_mask=input_mask, cache=cache, last_only=True
+    )
     first = jax.nn.log_softmax(logits[:, -1].astype(jnp.float32), axis=-1)  # [B, V]: the class's first token
     rows = batch * num_classes
     fed = jnp.tile(classes, (batch, 1))  # row b * C + c holds class c

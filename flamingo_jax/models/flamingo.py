@@ -163,6 +163,7 @@ class Flamingo(nnx.Module):
         positions: jax.Array | None = None,
         cache: KVCache | None = None,
         unique_rows: int = 0,
+        last_only: bool = False,
     ) -> tuple[jax.Array, KVCache | None]:
         """Next-token logits conditioned on media.
 
@@ -175,6 +176,8 @@ class Flamingo(nnx.Module):
           unique_rows: > 0 runs the LM layers below the first cross-attention block once per
             distinct token row (at most this many; every row when a batch has more), since they
             see no image: exact, and much cheaper for templated text such as captioned pairs.
+          last_only: the logits of the last position only (``T`` = 1 in the result): what a
+            prompt's prefill needs, without the vocabulary projection of every prompt token.
 
         Returns:
           (float32[B, T, lm.vocab_size + 2] logits, updated KV cache or None).
@@ -211,6 +214,8 @@ class Flamingo(nnx.Module):
             before_layer=before_layer,
             layer_range=layer_range,
         )
+        if last_only:
+            hidden = hidden[:, -1:]
         logits = jnp.concatenate([self.lm.logits(hidden), self.new_tokens.logits(hidden)], axis=-1)
         return logits, cache
 
