@@ -99,7 +99,13 @@ def _search(
         prompt_media_kv = model.media_kv(model.encode_media(images))
         cache = KVCache.create(model.config.lm, batch, total)
         logits, cache = model(
-            tokens, image_index, image_mask, media_kv=prompt_media_kv, input_mask=input_mask, cache=cache, last_only=True
+            tokens,
+            image_index,
+            image_mask,
+            media_kv=prompt_media_kv,
+            input_mask=input_mask,
+            cache=cache,
+            last_only=True,
         )
         media_kv = repeat_rows(prompt_media_kv, beams)
         decoder = repeat_rows(cache, beams)
