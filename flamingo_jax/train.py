@@ -460,6 +460,8 @@ def train(config: RunConfig, workdir: str) -> dict:
         image_config=image_config_for(model_config.vision),
         strategy=config.mixture_strategy,
     )
+    # Measured before the data threads start (they would share the cores with the measurement).
+    peak, peak_source = flops.peak_flops_per_step_second(jax.devices())
     iterator = mixture.mixture_iterator(dataset, workers=config.data_workers, prefetch_threads=config.data_threads)
 
     checkpointer = checkpointing.Checkpointer(
@@ -486,7 +488,6 @@ def train(config: RunConfig, workdir: str) -> dict:
         for d in config.datasets
     }
     dataset_tokens = {d.name: d.batch_size * shapes[d.name]["tokens"][1] for d in config.datasets}
-    peak, peak_source = flops.peak_flops_per_step_second(jax.devices())
     log.info("%.3g FLOPs per step; peak %.3g FLOP/s (%s)", sum(dataset_flops.values()), peak, peak_source)
 
     writer = metrics.MetricsWriter(

@@ -73,7 +73,7 @@ def test_eval_mode_writes_results_and_predictions(trained):
     result = run_main(trained, "eval", *EVAL_BINDINGS, "EvalConfig.checkpoint_step=3", gin_files=files)
     assert result.returncode != 0 and "no checkpoint at step 3" in result.stderr and "available: [4]" in result.stderr
     result = run_main(trained, "eval", *EVAL_BINDINGS, "EvalConfig.tasks=['imagenet']", gin_files=files)
-    assert result.returncode != 0 and "unknown task 'imagenet'" in result.stderr
+    assert result.returncode != 0 and "EvalConfig.tasks: unknown tasks ['imagenet']" in result.stderr
     result = run_main(trained, "eval", *EVAL_BINDINGS, "EvalConfig.task_queries={'fashion': 3}", gin_files=files)
     assert result.returncode != 0 and "EvalConfig.task_queries: unknown tasks ['fashion']" in result.stderr
 

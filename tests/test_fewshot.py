@@ -85,6 +85,8 @@ def test_task_queries_and_init_tasks():
     # A name outside the task registry is refused when the config is built, before any training.
     with pytest.raises(ValueError, match=r"EvalConfig.init_tasks: unknown tasks \['fashion'\]"):
         fewshot.EvalConfig(tasks=(a,), init_tasks=("fashion",))
+    with pytest.raises(ValueError, match=r"EvalConfig.tasks: unknown tasks \['imagenet'\]"):
+        fewshot.EvalConfig(tasks=(a, "imagenet"))
 
 
 def test_demonstrations_never_include_the_query_and_rices_picks_nearest():

@@ -54,7 +54,9 @@ class EvalConfig:
             raise ValueError(f"EvalConfig.selection={self.selection!r}; available: {list(SELECTIONS)}")
         if any(s < 0 for s in self.shots) or not self.seeds or self.num_queries < 1 or self.batch_size < 1:
             raise ValueError(f"EvalConfig: shots must be >= 0, seeds non-empty, sizes positive; got {self}")
-        for field in ("task_queries", "init_tasks"):  # names of tasks not run are fine (gin overrides of tasks)
+        # Checked when the config is built (before a training run, not after it); task_queries and
+        # init_tasks may name tasks that tasks leaves out (a command line's override of tasks).
+        for field in ("tasks", "task_queries", "init_tasks"):
             unknown = sorted(set(getattr(self, field) or ()) - set(OFFLINE_TASKS))
             if unknown:
                 raise ValueError(f"EvalConfig.{field}: unknown tasks {unknown}; available: {sorted(OFFLINE_TASKS)}")
@@ -104,7 +106,10 @@ def build_prompt(task: Task, demos: list[Example], query: Example, *, text_only:
     return "".join(parts)
 
 
-LENGTH_BUCKET = 32  # prompt lengths are rounded up to a multiple: few shapes, few compilations
+# Prompt lengths are rounded up to a multiple: few shapes, few compilations. The demo's 0 / 4 /
+# 8-shot Fashion-MNIST prompts (19-22 / 38-43 / 71-79 tokens) fill 32 / 48 / 80 columns, one shape
+# each; a multiple of 32 padded them to 32 / 64 / 96.
+LENGTH_BUCKET = 16
 
 
 def _batch(prompts: list[list[int]], images: list[list[np.ndarray]], media_id: int, pad_id: int, rows: int):
