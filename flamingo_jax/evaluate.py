@@ -35,19 +35,16 @@ def load_models(run_config: train.RunConfig, workdir: str, steps, trained: dict 
     ``trained``: the summary ``train.train`` returned in this process; its final state and
     initial parameters are used as they are instead of building the model and reading the
     checkpoint again (the model is only rebuilt for an initialisation it did not keep)."""
-    training, initial = None, None
-    if trained is not None:
+    if trained is not None and (trained["initial_params"] is not None or 0 not in steps):
         training, initial = trained["training"], trained["initial_params"]
-        if initial is None and 0 in steps:
-            training = None  # a resumed run: rebuild for the initialisation
-    if training is None:
+    else:  # nothing trained here, or a run that did not keep its initialisation: rebuild
         training = train.build_training(run_config, sharding.create_mesh(run_config.mesh))
         initial = training.state.params
     mesh = training.mesh
     for step in steps:
         params = initial
-        if trained is not None and step in (None, int(trained["training"].state.step)):
-            step, params = int(trained["training"].state.step), trained["training"].state.params
+        if trained is not None and step in (None, trained["step"]):
+            step, params = trained["step"], trained["training"].state.params
         elif step != 0:
             checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
             try:

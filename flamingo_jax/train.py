@@ -426,7 +426,8 @@ def jit_train_step(config: RunConfig, graphdef, tx, state_shardings: TrainState,
 def train(config: RunConfig, workdir: str) -> dict:
     """Trains (or resumes) a run in ``workdir``. Returns a summary: the final ``step``, whether
     the run stopped early for ``preempted``, the ``training`` (its final state) and the
-    ``initial_params`` (None for a resumed run), which evaluation reuses instead of rebuilding."""
+    ``initial_params`` (kept for ``evaluate_at_end`` in a run that started at step 0, else None),
+    which evaluation reuses instead of rebuilding."""
     from flamingo_jax import checkpointing, flops, metrics
     from flamingo_jax.data import mixture
     from flamingo_jax.data.images import image_config_for
@@ -472,9 +473,10 @@ def train(config: RunConfig, workdir: str) -> dict:
         training.state = checkpointer.restore(latest, training.abstract_state(), iterator)
         log.info("resumed from the checkpoint at step %d", latest)
     start_step = int(training.state.step)
-    # The step donates the state: a copy of the initialisation's parameters for evaluating it
-    # after training without rebuilding the model.
-    initial_params = jax.tree.map(jnp.copy, training.state.params) if start_step == 0 else None
+    # The step donates the state: a copy of the initialisation's trainable parameters for the
+    # evaluation at the end to use without rebuilding the model (only then: it costs their memory).
+    keep_initial = config.evaluate_at_end and start_step == 0
+    initial_params = jax.tree.map(jnp.copy, training.state.params) if keep_initial else None
 
     shapes = {name: {key: value.shape for key, value in fields.items()} for name, fields in dataset.first().items()}
     dataset_flops = {
