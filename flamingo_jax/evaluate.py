@@ -97,12 +97,12 @@ def evaluate_steps(
     tasks_to_run = {name: make_task(name, eval_config) for name in eval_config.tasks}  # read once for all steps
     outputs = []
     for model, step, mesh, rules in load_models(run_config, workdir, steps, trained):
-        config = dataclasses.replace(eval_config, checkpoint_step=step)
+        config = dataclasses.replace(eval_config, checkpoint_step=step, shots=eval_config.shots_for(step))
         written = {}
         for name in config.tasks_for(step):
             task = tasks_to_run[name]
             with sharding.activation_sharding(mesh, rules):
-                result = fewshot.evaluate_task(model, tokenizer, task, eval_config, image_config=image_config)
+                result = fewshot.evaluate_task(model, tokenizer, task, config, image_config=image_config)
             record = {"task": name, "kind": task.kind, "step": step, "config": dataclasses.asdict(config), **result}
             path = os.path.join(out_dir, f"{name}_{step}.json")
             if jax.process_index() == 0:

@@ -35,23 +35,44 @@ def write_report(workdir: str, *, wall_time_s: float | None = None, images_per_t
     if speed:
         lines += [speed, ""]
     all_shots = sorted({int(k) for r in records for k in r["results"]})
-    lines.append("| task | step | metric | " + " | ".join(f"{s}-shot" for s in all_shots) + " |")
-    lines.append("|---|---|---|" + "---|" * len(all_shots))
+    lines.append("| task | step | metric | queries | " + " | ".join(f"{s}-shot" for s in all_shots) + " |")
+    lines.append("|---|---|---|---|" + "---|" * len(all_shots))
     for record in sorted(records, key=lambda r: (r["task"], r["step"])):
         results = record["results"]
         metric = next(iter(results.values()))["metric"]
+        queries = _queries(record)
         cells = []
         for shots in all_shots:
             values = results.get(str(shots))
             cells.append("" if values is None else f"{values[metric]:.1f} ± {values[metric + '_std']:.1f}")
         label = "init (frozen LM)" if record["step"] == 0 else str(record["step"])
-        lines.append(f"| {record['task']} | {label} | {metric} | " + " | ".join(cells) + " |")
+        lines.append(f"| {record['task']} | {label} | {metric} | {queries} | " + " | ".join(cells) + " |")
+    lines += ["", "± : the standard deviation over the evaluation seeds (0.0 with one seed)."]
+    classified = [r for r in records if r["kind"] == "classification"]
+    if classified:  # the latest step's accuracies, as the binomial error bar they carry
+        record = max(classified, key=lambda r: r["step"])
+        queries = _queries(record)
+        shots = sorted(record["results"], key=int)
+        accuracy = [record["results"][s]["accuracy"] for s in shots]
+        error = [100 * np.sqrt(a / 100 * (1 - a / 100) / max(queries, 1)) for a in accuracy]
+        lines.append(
+            f"One seed's accuracy p over n queries has a standard error of sqrt(p (1 - p) / n): for "
+            f"{record['task']} at step {record['step']} ({'/'.join(shots)} shots), "
+            + " / ".join(f"{e:.1f}" for e in error)
+            + f" points at {queries} queries."
+        )
     text = "\n".join(lines) + "\n"
     _write_grid(workdir, records, images_per_task)
     text += "\n![predictions](report.png)\n"
     with open(os.path.join(workdir, "eval", "report.md"), "w") as f:
         f.write(text)
     return text
+
+
+def _queries(record: dict) -> int:
+    """How many queries a record's evaluation scored (per shot count and seed)."""
+    per_seed = next(iter(record["predictions"].values()))
+    return len(next(iter(per_seed.values())))
 
 
 def _training_speed(workdir: str) -> str | None:

@@ -80,10 +80,16 @@ def test_eval_mode_writes_results_and_predictions(trained):
 
 def test_evaluation_at_the_end_of_training_reuses_the_trained_model(tmp_path):
     """``RunConfig.evaluate_at_end`` evaluates the model the training holds (and the initial
-    parameters it kept) without rebuilding it: the same results and predictions as ``--mode=eval``
-    on the run's checkpoint, which rebuilds the model and restores the parameters."""
+    parameters it kept, at ``EvalConfig.init_shots``) without rebuilding it: the same results and
+    predictions as ``--mode=eval`` on the run's checkpoint, which rebuilds the model and restores
+    the parameters."""
     files = ("runs/smoke_cpu.gin", "runs/eval_offline.gin")
-    bindings = [*EVAL_BINDINGS, "EvalConfig.tasks=['fashion_mnist']", "EvalConfig.include_init=True"]
+    bindings = [
+        *EVAL_BINDINGS,
+        "EvalConfig.tasks=['fashion_mnist']",
+        "EvalConfig.include_init=True",
+        "EvalConfig.init_shots=[2]",
+    ]
     run = ["TRAIN_STEPS=3", "CHECKPOINT_EVERY=3", "RunConfig.evaluate_at_end=True"]
     result = run_main(tmp_path, "train", *run, *bindings, gin_files=files)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -97,6 +103,7 @@ def test_evaluation_at_the_end_of_training_reuses_the_trained_model(tmp_path):
         return out
 
     at_end = records()
+    assert (set(at_end[3][0]), set(at_end[0][0])) == ({"0", "2"}, {"2"})  # EvalConfig.init_shots
     result = run_main(tmp_path, "eval", *bindings, gin_files=files)
     assert result.returncode == 0, result.stderr[-3000:]
     assert records() == at_end

@@ -71,7 +71,7 @@ def test_every_kind_end_to_end(model, kind):
     assert again["results"] == out["results"]  # deterministic given the seeds
 
 
-def test_task_queries_and_init_tasks():
+def test_task_queries_init_tasks_and_init_shots():
     a, b, c = "fashion_mnist", "fashion_mnist_captions", "skimage_captions"
     config = fewshot.EvalConfig(tasks=(a, b), num_queries=100, task_queries={b: 48})
     assert (config.queries_for(a), config.queries_for(b)) == (100, 48)
@@ -82,6 +82,11 @@ def test_task_queries_and_init_tasks():
     assert (config.tasks_for(None), config.tasks_for(500), config.tasks_for(0)) == ((a, b), (a, b), (b,))
     assert fewshot.EvalConfig(tasks=(a, b)).tasks_for(0) == (a, b)
     assert fewshot.EvalConfig(tasks=(a,), init_tasks=(b,)).tasks_for(0) == ()
+    config = fewshot.EvalConfig(tasks=(a,), shots=(0, 4, 8), init_shots=(4,))
+    assert (config.shots_for(None), config.shots_for(320), config.shots_for(0)) == ((0, 4, 8), (0, 4, 8), (4,))
+    assert fewshot.EvalConfig(tasks=(a,), shots=(0, 4)).shots_for(0) == (0, 4)
+    with pytest.raises(ValueError, match="shots must be >= 0"):
+        fewshot.EvalConfig(tasks=(a,), init_shots=(-1,))
     # A name outside the task registry is refused when the config is built, before any training.
     with pytest.raises(ValueError, match=r"EvalConfig.init_tasks: unknown tasks \['fashion'\]"):
         fewshot.EvalConfig(tasks=(a,), init_tasks=("fashion",))

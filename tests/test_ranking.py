@@ -33,6 +33,9 @@ def test_class_log_likelihoods_match_direct_sums(model, prompts):  # noqa: F811
             logp = _log_softmax(logits[0].astype(np.float64))
             direct = sum(logp[len(prompt) - 1 + j, ids[j]] for j in range(len(ids)))
             np.testing.assert_allclose(scores[row, c], direct, rtol=1e-4, atol=1e-4)
+    # Single-token classes take the path that feeds nothing after the prompt.
+    single = class_log_likelihoods(model, tokens, index, image_mask, images, [[5], [42]], input_mask=mask)
+    np.testing.assert_allclose(single[:, 0], scores[:, 0], rtol=1e-5, atol=1e-5)
     normalized = class_log_likelihoods(
         model, tokens, index, image_mask, images, CLASSES, input_mask=mask, normalize=True
     )

@@ -48,11 +48,13 @@ class EvalConfig:
     checkpoint_step: int | None = None
     include_init: bool = False  # also evaluate the initialisation (the frozen LM), for comparison
     init_tasks: tuple[str, ...] | None = None  # the tasks the initialisation is evaluated on (None: all)
+    init_shots: tuple[int, ...] | None = None  # the shot counts it is evaluated at (None: all of shots)
 
     def __post_init__(self):
         if self.selection not in SELECTIONS:
             raise ValueError(f"EvalConfig.selection={self.selection!r}; available: {list(SELECTIONS)}")
-        if any(s < 0 for s in self.shots) or not self.seeds or self.num_queries < 1 or self.batch_size < 1:
+        shots = (*self.shots, *(self.init_shots or ()))
+        if any(s < 0 for s in shots) or not self.seeds or self.num_queries < 1 or self.batch_size < 1:
             raise ValueError(f"EvalConfig: shots must be >= 0, seeds non-empty, sizes positive; got {self}")
         # Checked when the config is built (before a training run, not after it); task_queries and
         # init_tasks may name tasks that tasks leaves out (a command line's override of tasks).
@@ -69,6 +71,12 @@ class EvalConfig:
         if step != 0 or self.init_tasks is None:
             return tuple(self.tasks)
         return tuple(name for name in self.tasks if name in self.init_tasks)
+
+    def shots_for(self, step: int | None) -> tuple[int, ...]:
+        """The shot counts evaluated at ``step`` (0: the initialisation: ``init_shots`` if set)."""
+        if step != 0 or self.init_shots is None:
+            return tuple(self.shots)
+        return tuple(self.init_shots)
 
     def queries_for(self, task_name: str) -> int:
         """How many queries of ``task_name`` to evaluate."""

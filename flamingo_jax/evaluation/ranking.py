@@ -25,29 +25,32 @@ def _score(graphdef, state, tokens, input_mask, image_index, image_mask, images,
     batch, prompt_length = tokens.shape
     num_classes, class_length = classes.shape
     media_kv = model.media_kv(model.encode_media(images))
-    cache = KVCache.create(model.config.lm, batch, prompt_length + class_length)
+    # The last class token is only scored, never fed: the cache holds the prompt and the others.
+    cache = KVCache.create(model.config.lm, batch, prompt_length + class_length - 1)
     logits, cache = model(
         tokens, image_index, image_mask, media_kv=media_kv, input_mask=input_mask, cache=cache, last_only=True
     )
     first = jax.nn.log_softmax(logits[:, -1].astype(jnp.float32), axis=-1)  # [B, V]: the class's first token
-    rows = batch * num_classes
-    fed = jnp.tile(classes, (batch, 1))  # row b * C + c holds class c
-    fed_mask = jnp.tile(class_mask, (batch, 1))
+    total = first[:, classes[:, 0]]  # [B, C]
+    if class_length == 1:
+        return total
+    fed = jnp.tile(classes[:, :-1], (batch, 1))  # row b * C + c holds class c
+    fed_mask = jnp.tile(class_mask[:, :-1], (batch, 1))
     last_image = jnp.repeat(image_index[:, -1:], num_classes, axis=0)
     class_logits, _ = model(
         fed,
-        jnp.broadcast_to(last_image, (rows, class_length)),
+        jnp.broadcast_to(last_image, fed.shape),
         jnp.repeat(image_mask, num_classes, axis=0),
         media_kv=repeat_rows(media_kv, num_classes),
         input_mask=fed_mask,
         cache=repeat_rows(cache, num_classes),
     )
-    logp = jax.nn.log_softmax(class_logits.astype(jnp.float32), axis=-1)  # [rows, L, V]
-    # Token j of a class is predicted by position j - 1 of the class feed (j = 0: by the prompt).
-    first_logp = jnp.take_along_axis(jnp.repeat(first, num_classes, axis=0), fed[:, :1], axis=1)[:, 0]
-    later = jnp.take_along_axis(logp[:, :-1], fed[:, 1:, None], axis=2)[..., 0]
-    total = first_logp + jnp.sum(jnp.where(fed_mask[:, 1:], later, 0.0), axis=1)
-    return total.reshape(batch, num_classes)
+    logp = jax.nn.log_softmax(class_logits.astype(jnp.float32), axis=-1)  # [rows, L - 1, V]
+    # Token j >= 1 of a class is predicted by fed position j - 1 (token 0: by the prompt).
+    targets = jnp.tile(classes[:, 1:], (batch, 1))
+    later = jnp.take_along_axis(logp, targets[..., None], axis=2)[..., 0]
+    later = jnp.sum(jnp.where(jnp.tile(class_mask[:, 1:], (batch, 1)), later, 0.0), axis=1)
+    return total + later.reshape(batch, num_classes)
 
 
 def class_log_likelihoods(

@@ -1,0 +1,48 @@
+"""The run's report: every evaluated step's metric per shot count with the number of queries
+(blank where a step was not evaluated at that shot count), the standard error an accuracy has
+at that many queries, and the picture grid."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from flamingo_jax import report
+from flamingo_jax.data.builders import FASHION_MNIST_CLASSES
+from flamingo_jax.evaluation import tasks
+
+
+def _record(step: int, shots_accuracy: dict[int, float], queries: list) -> dict:
+    rows = [
+        {"id": q.id, "label": q.label, "scores": [0.0] * 10, "prediction": FASHION_MNIST_CLASSES[q.label]}
+        for q in queries
+    ]
+    return {
+        "task": "fashion_mnist",
+        "kind": "classification",
+        "step": step,
+        "results": {
+            str(s): {"accuracy": a, "accuracy_std": 0.0, "per_seed": [{"accuracy": a}], "metric": "accuracy"}
+            for s, a in shots_accuracy.items()
+        },
+        "predictions": {str(s): {"0": rows} for s in shots_accuracy},
+    }
+
+
+def test_report_table_queries_and_standard_error(tmp_path):
+    queries = tasks.fashion_mnist_classification(num_queries=300, pool_size=0).queries
+    os.makedirs(tmp_path / "eval")
+    for step, accuracies in ((320, {0: 81.0, 4: 80.0, 8: 79.0}), (0, {4: 7.5})):
+        with open(tmp_path / "eval" / f"fashion_mnist_{step}.json", "w") as f:
+            json.dump(_record(step, accuracies, queries), f)
+    text = report.write_report(str(tmp_path), wall_time_s=600.0)
+    assert "| task | step | metric | queries | 0-shot | 4-shot | 8-shot |" in text
+    assert "| fashion_mnist | init (frozen LM) | accuracy | 300 |  | 7.5 ± 0.0 |  |" in text
+    assert "| fashion_mnist | 320 | accuracy | 300 | 81.0 ± 0.0 | 80.0 ± 0.0 | 79.0 ± 0.0 |" in text
+    errors = " / ".join(f"{100 * np.sqrt(p * (1 - p) / 300):.1f}" for p in (0.81, 0.80, 0.79))
+    assert f"for fashion_mnist at step 320 (0/4/8 shots), {errors} points at 300 queries." in text
+    assert "Wall time (train + evaluate): 10.0 min" in text
+    assert (tmp_path / "eval" / "report.md").read_text() == text
+    assert os.path.getsize(tmp_path / "eval" / "report.png") > 10_000
