@@ -110,13 +110,14 @@ def test_paper_recipes(size):
 
 
 def test_demo_eval_overrides_to_fewer_tasks():
-    """The demo's per-task settings (captions on 48 queries, the initialisation on classification)
-    stay valid when a command line evaluates fewer tasks."""
+    """The demo's per-task settings (captions on 48 queries, the initialisation on classification
+    at 4 shots) stay valid when a command line evaluates fewer tasks."""
     configs.parse_gin(["runs/demo_cpu.gin"])
     full = configs.eval_config()
-    assert full.queries_for("fashion_mnist_captions") == 48 and full.queries_for("fashion_mnist") == 150
+    assert full.queries_for("fashion_mnist_captions") == 48 and full.queries_for("fashion_mnist") == 300
     assert full.tasks_for(None) == ("fashion_mnist", "fashion_mnist_captions")
     assert full.tasks_for(0) == ("fashion_mnist",)
+    assert (full.shots_for(None), full.shots_for(0)) == ((0, 4, 8), (4,))
     configs.parse_gin(["runs/demo_cpu.gin"], ["EvalConfig.tasks=['fashion_mnist_captions']"])
     fewer = configs.eval_config()
     assert fewer.tasks_for(None) == ("fashion_mnist_captions",) and fewer.tasks_for(0) == ()

@@ -37,14 +37,21 @@ def test_demo_config_end_to_end(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=1500, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     assert os.path.isdir(workdir / "checkpoints" / "3")
-    # The trained model on both tasks, its initialisation on classification (EvalConfig.init_tasks).
-    for task, step, queries in (("fashion_mnist", 3, 8), ("fashion_mnist_captions", 3, 4), ("fashion_mnist", 0, 8)):
+    # The trained model on both tasks, its initialisation on classification at 4 shots
+    # (EvalConfig.init_tasks, init_shots).
+    for task, step, queries, shots in (
+        ("fashion_mnist", 3, 8, {"0", "4"}),
+        ("fashion_mnist_captions", 3, 4, {"0", "4"}),
+        ("fashion_mnist", 0, 8, {"4"}),
+    ):
         with open(workdir / "eval" / f"{task}_{step}.json") as f:
             record = json.load(f)
-        assert set(record["results"]) == {"0", "4"}
+        assert set(record["results"]) == shots
         assert len(record["predictions"]["4"]["0"]) == queries
     assert not os.path.exists(workdir / "eval" / "fashion_mnist_captions_0.json")
     report = (workdir / "eval" / "report.md").read_text()
-    assert "| fashion_mnist | 3 | accuracy |" in report and "init (frozen LM)" in report
+    assert "| fashion_mnist | 3 | accuracy | 8 |" in report
+    assert "| fashion_mnist | init (frozen LM) | accuracy | 8 |  |" in report  # no 0-shot cell
+    assert "points at 8 queries." in report  # the accuracies' standard error
     assert "Training: 3 steps, median " in report
     assert os.path.getsize(workdir / "eval" / "report.png") > 10_000
