@@ -107,10 +107,7 @@ def run_config() -> RunConfig:
 def eval_config() -> EvalConfig:
     """The EvalConfig the current gin bindings describe (lists become tuples)."""
     config = CONFIGURABLES["EvalConfig"]()
-    init_shots = None if config.init_shots is None else tuple(config.init_shots)
-    return dataclasses.replace(
-        config, tasks=tuple(config.tasks), shots=tuple(config.shots), seeds=tuple(config.seeds), init_shots=init_shots
-    )
+    return dataclasses.replace(config, tasks=tuple(config.tasks), shots=tuple(config.shots), seeds=tuple(config.seeds))
 
 
 def operative_config(gin_files: Sequence[str], bindings: Sequence[str]) -> str:
