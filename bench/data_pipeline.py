@@ -121,18 +121,19 @@ def train_rate(datasets, tokenizer, steps: int) -> dict:
     """Examples/s the train step of models/smollm2_135m.gin consumes on these batches."""
     import jax
 
-    from flamingo_jax import configs, sharding, train
+    from flamingo_jax import configs, sharding
+    from flamingo_jax.train.loop import RunConfig, build_training, global_batches
     from flamingo_jax.data import mixture
 
     model = configs.load_model_config(
         "models/smollm2_135m.gin", [f"LlamaConfig.vocab_size = {tokenizer.base_vocab_size}"]
     )
-    run = train.RunConfig(model=model, datasets=datasets, mesh=sharding.MeshConfig(data=-1), tokenizer="bytes")
+    run = RunConfig(model=model, datasets=datasets, mesh=sharding.MeshConfig(data=-1), tokenizer="bytes")
     mesh = sharding.create_mesh(run.mesh)
-    training = train.build_training(run, mesh)
+    training = build_training(run, mesh)
     token_ids = mixture.TokenIds(tokenizer.base_vocab_size, tokenizer.media_token_id, tokenizer.endofchunk_token_id)
     dataset = mixture.mixture_dataset(datasets, token_ids, seed=0, tokenizer=tokenizer, image_size=224)
-    batches = train._global_batches(mixture.split_skipped(dataset[0])[0], mesh, training.rules)  # noqa: SLF001
+    batches = global_batches(mixture.split_skipped(dataset[0])[0], mesh, training.rules)  # noqa: SLF001
     started = time.perf_counter()
     float(training.step(batches)["loss"])  # compile + first step
     compile_s = time.perf_counter() - started

@@ -24,7 +24,7 @@ PROMPT_TOKENS, NEW_TOKENS = 16, 32  # <image> + 15 text tokens
 
 
 def time_generation(model, inputs, *, use_cache: bool, repeats: int) -> dict:
-    from flamingo_jax.generate import GenerateConfig, generate
+    from flamingo_jax.evaluation.generate import GenerateConfig, generate
 
     config = GenerateConfig(max_new_tokens=NEW_TOKENS, stop_tokens=(-1,))  # never stops early
     started = time.perf_counter()

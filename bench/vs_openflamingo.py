@@ -73,21 +73,24 @@ def ours(repeats: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from flamingo_jax import configs, flops, sharding, train
+    from flamingo_jax import configs, flops, sharding
+    from flamingo_jax.train.loop import RunConfig, build_training
+    from flamingo_jax.train.optimizer import OptimizerConfig
+    from flamingo_jax.train.params import merge_model
     from flamingo_jax.batch import Batch
     from flamingo_jax.data.mixture import DatasetConfig
-    from flamingo_jax.generate import GenerateConfig, generate
+    from flamingo_jax.evaluation.generate import GenerateConfig, generate
     from flamingo_jax.models.flamingo import count_params
 
     def build(bindings=()):
         model_config = configs.load_model_config(MODEL_GIN, bindings)
-        run_config = train.RunConfig(
+        run_config = RunConfig(
             model=model_config,
             datasets=(DatasetConfig(name="bench", batch_size=BATCH),),
             mesh=sharding.MeshConfig(data=1),
-            optimizer=train.OptimizerConfig(learning_rate=1e-4, warmup_steps=1),
+            optimizer=OptimizerConfig(learning_rate=1e-4, warmup_steps=1),
         )
-        training = train.build_training(run_config, sharding.create_mesh(run_config.mesh, jax.devices()[:1]))
+        training = build_training(run_config, sharding.create_mesh(run_config.mesh, jax.devices()[:1]))
         # Open gates (as after some training): the visual path does real work in every block.
         training.state.params = {
             key: (jnp.full_like(value, 0.5) if key.endswith("_gate") else value)
@@ -127,7 +130,7 @@ def ours(repeats: int) -> dict:
     bf16_result = timed(lambda: step(bf16_training), repeats, warmup=1)
     bf16_result["tokens_per_s"] = BATCH * LENGTH / bf16_result["seconds"]
 
-    model = train.merge_model(training.graphdef, training.state.params, training.frozen)
+    model = merge_model(training.graphdef, training.state.params, training.frozen)
     prompt = tokens[:1, :PROMPT_TOKENS].copy()
     inputs = (prompt, np.zeros((1, PROMPT_TOKENS), np.int32), np.ones((1, 1), bool), images[:1, :1])
     config = GenerateConfig(max_new_tokens=NEW_TOKENS, stop_tokens=(-1,))

@@ -19,6 +19,10 @@ import dataclasses
 import jax
 import numpy as np
 
+# The tokens Flamingo adds to a language model's vocabulary, in this order: ids
+# ``base_vocab_size`` and ``base_vocab_size + 1`` (the model's new embedding rows).
+NEW_TOKENS = ("<image>", "<|endofchunk|>")
+
 
 class BatchError(ValueError):
     """A batch that does not follow the contract; the message names the field."""

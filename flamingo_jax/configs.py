@@ -24,9 +24,11 @@ from flamingo_jax.models.resampler import ResamplerConfig
 from flamingo_jax.models.vit import ViTConfig
 from flamingo_jax.models.xattn import XAttnConfig
 from flamingo_jax.sharding import MeshConfig
-from flamingo_jax.train import OptimizerConfig, RunConfig
+from flamingo_jax.train.loop import RunConfig
+from flamingo_jax.train.optimizer import OptimizerConfig
 
-EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
+ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout
+EXPERIMENTS_DIR = os.path.join(ROOT_DIR, "experiments")
 
 _CONFIG_CLASSES = (
     FlamingoConfig,
@@ -59,13 +61,12 @@ logging.getLogger().addFilter(_QuietSearchPathMisses())
 
 
 def resolve_gin_file(path: str) -> str:
-    """``path`` as given if it exists, else under ``experiments/``; raises naming both."""
-    if os.path.exists(path):
-        return path
-    candidate = os.path.join(EXPERIMENTS_DIR, path)
-    if os.path.exists(candidate):
-        return candidate
-    raise FileNotFoundError(f"gin file {path!r} not found (also looked in {EXPERIMENTS_DIR})")
+    """``path`` as given if it exists, else under ``experiments/``, else under the checkout (e.g.
+    ``flamingo_jax/demo/demo_cpu.gin`` from any directory); raises naming where it looked."""
+    for candidate in (path, os.path.join(EXPERIMENTS_DIR, path), os.path.join(ROOT_DIR, path)):
+        if os.path.exists(candidate):
+            return candidate
+    raise FileNotFoundError(f"gin file {path!r} not found (also looked in {EXPERIMENTS_DIR} and {ROOT_DIR})")
 
 
 def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
@@ -85,11 +86,14 @@ def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
 
 def parse_gin(gin_files: Sequence[str], bindings: Sequence[str] = (), *, finalize: bool = True) -> None:
     """Clears gin and parses ``gin_files`` (relative paths are searched in ``experiments/`` too)
-    followed by ``bindings``. Unknown bindings or missing files raise with gin's message."""
+    followed by ``bindings``. A file's ``include`` lines are searched beside it, then in
+    ``experiments/``; its ``import`` lines import Python packages (a project registering its data
+    sources, tasks and weights). Unknown bindings or missing files raise with gin's message."""
     gin.clear_config()
-    if EXPERIMENTS_DIR not in gin.config._LOCATION_PREFIXES:  # noqa: SLF001 (no public getter)
-        gin.add_config_file_search_path(EXPERIMENTS_DIR)
     files = [resolve_gin_file(path) for path in gin_files]
+    # gin keeps its search path globally: set it afresh for these files (no public setter).
+    search = ["", *dict.fromkeys(os.path.dirname(os.path.abspath(path)) for path in files), EXPERIMENTS_DIR]
+    gin.config._LOCATION_PREFIXES[:] = search  # noqa: SLF001
     gin.parse_config_files_and_bindings(files, list(bindings), finalize_config=finalize)
 
 

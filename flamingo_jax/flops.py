@@ -15,6 +15,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from flamingo_jax.models.efficientnet import LITE_BLOCKS, EfficientNetConfig
 from flamingo_jax.models.flamingo import FlamingoConfig
 from flamingo_jax.models.nfnet import NFNetConfig
 from flamingo_jax.models.vit import ViTConfig
@@ -76,8 +77,6 @@ def nfnet_forward_flops(config: NFNetConfig) -> float:
 
 def efficientnet_forward_flops(config) -> float:
     """Matmul FLOPs of one EfficientNet-Lite image (convolutions; batch norm and ReLU6 left out)."""
-    from flamingo_jax.models.efficientnet import LITE_BLOCKS
-
     size, total = config.image_size, 0.0
 
     def conv(in_ch, out_ch, kernel, stride=1, groups=1):
@@ -100,15 +99,14 @@ def efficientnet_forward_flops(config) -> float:
 
 
 def vision_forward_flops(config) -> float:
-    from flamingo_jax.models.efficientnet import EfficientNetConfig
-
-    if isinstance(config, ViTConfig):
-        return vit_forward_flops(config)
-    if isinstance(config, NFNetConfig):
-        return nfnet_forward_flops(config)
-    if isinstance(config, EfficientNetConfig):
-        return efficientnet_forward_flops(config)
-    raise TypeError(f"no FLOP count for {type(config).__name__}")
+    count = {
+        ViTConfig: vit_forward_flops,
+        NFNetConfig: nfnet_forward_flops,
+        EfficientNetConfig: efficientnet_forward_flops,
+    }.get(type(config))
+    if count is None:
+        raise TypeError(f"no FLOP count for {type(config).__name__}")
+    return count(config)
 
 
 def train_step_flops(
@@ -178,15 +176,6 @@ def contrastive_step_flops(config, batch_size: int, length: int) -> float:
     vision_factor = 3 if "vision" in config.trainable else 1
     text_factor = 3 if "text" in config.trainable else 1
     return vision_factor * vision + text_factor * text_flops + 3 * similarity
-
-
-def step_flops(config, batch_size: int, length: int, num_media: int, num_frames: int = 1) -> float:
-    """Train-step FLOPs of one dataset's batch for either model kind."""
-    from flamingo_jax.models.contrastive import ContrastiveConfig
-
-    if isinstance(config, ContrastiveConfig):
-        return contrastive_step_flops(config, batch_size, length)
-    return train_step_flops(config, batch_size, length, num_media, num_frames)
 
 
 def measured_matmul_peak(size: int = 1024, repeats: int = 10, dtype=jnp.float32) -> float:

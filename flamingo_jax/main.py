@@ -4,8 +4,8 @@ Writes the operative config to ``DIR/config.gin`` and trains; restarted with the
 run resumes from the latest checkpoint in ``DIR``. Under several processes (a TPU pod, or
 ``launch/local.py`` here) every process runs this same command.
 
-``--mode=eval`` (with the run's gin files plus an ``EvalConfig``, e.g. ``runs/eval_offline.gin``)
-evaluates the latest checkpoint in ``DIR`` few-shot and writes ``DIR/eval/<task>_<step>.json``.
+``--mode=eval`` (with the run's gin files plus an ``EvalConfig``, e.g. ``runs/eval_benchmarks.gin``)
+evaluates the latest checkpoint in ``DIR`` and writes ``DIR/eval/<task>_<step>.json``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from absl import app, flags
 from absl import logging as absl_logging
 
 from flamingo_jax import configs
+from flamingo_jax.evaluation.run import evaluate_run
+from flamingo_jax.train.loop import train
 
 _GIN_FILE = flags.DEFINE_multi_string("gin_file", [], "Run gin file(s); searched in experiments/ too.")
 _GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "Extra gin bindings; also spelled --gin.KEY=VALUE.")
@@ -73,10 +75,8 @@ def main(argv) -> None:
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.gin"), "w") as f:
             f.write(configs.operative_config(_GIN_FILE.value, _GIN_BINDINGS.value))
-    from flamingo_jax import train
-
     try:
-        summary = train.train(run_config, workdir)
+        summary = train(run_config, workdir)
     except ValueError as error:
         sys.exit(f"flamingo_jax.main: {error}")
     logging.getLogger("flamingo_jax").info(
@@ -87,34 +87,15 @@ def main(argv) -> None:
 
 
 def run_evaluation(run_config, eval_config, workdir: str, started: float, trained: dict | None = None) -> None:
-    """Evaluates the run (and its initialisation when ``EvalConfig.include_init``), then writes
-    ``DIR/eval/report.md`` and ``report.png``. ``trained``: the summary of the training that just
-    ran in this process, whose model is evaluated as it is (no rebuild, no checkpoint read)."""
-    from flamingo_jax import evaluate, report
-    from flamingo_jax.models.contrastive import ContrastiveConfig
-
-    logger = logging.getLogger("flamingo_jax")
-    steps = [eval_config.checkpoint_step]
-    if eval_config.include_init and eval_config.checkpoint_step != 0:
-        steps.append(0)
-    if isinstance(run_config.model, ContrastiveConfig):  # stage 1: retrieval + zero-shot classification
-        from flamingo_jax.evaluation.contrastive import evaluate_contrastive
-
-        try:
-            for step in steps:
-                logger.info("wrote %s", evaluate_contrastive(run_config, workdir, step))
-        except (ValueError, FileNotFoundError) as error:
-            sys.exit(f"flamingo_jax.main: {error}")
-        return
+    """Evaluates the run as its model kind is evaluated (and its initialisation with
+    ``EvalConfig.include_init``), writing ``DIR/eval/``. ``trained``: the summary of the training
+    that just ran in this process, whose model is evaluated as it is (no rebuild, no checkpoint
+    read)."""
     try:
-        for written in evaluate.evaluate_steps(run_config, eval_config, workdir, steps, trained):
-            for path in written.values():
-                logger.info("wrote %s", path)
+        for path in evaluate_run(run_config, eval_config, workdir, trained, started):
+            logging.getLogger("flamingo_jax").info("wrote %s", path)
     except (ValueError, FileNotFoundError) as error:
         sys.exit(f"flamingo_jax.main: {error}")
-    if jax.process_index() == 0:
-        text = report.write_report(workdir, wall_time_s=time.time() - started)
-        logger.info("report: %s\n%s", os.path.join(workdir, "eval", "report.md"), text)
 
 
 def run() -> None:

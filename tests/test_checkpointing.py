@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from test_train import local_batches, smoke_config
 
-from flamingo_jax import checkpointing, sharding, train
+from flamingo_jax import checkpointing, sharding
 from flamingo_jax.data import mixture
+from flamingo_jax.train.loop import build_training, global_batches
 
 
 def _iterator(config):
@@ -22,10 +23,10 @@ def _iterator(config):
 def test_checkpoint_from_data_parallel_restores_onto_fsdp_tensor(tmp_path):
     source_config = dataclasses.replace(smoke_config(), mesh=sharding.MeshConfig(data=8, rules="data_parallel"))
     source_mesh = sharding.create_mesh(source_config.mesh)
-    source = train.build_training(source_config, source_mesh)
+    source = build_training(source_config, source_mesh)
     iterator = _iterator(source_config)
     for _ in range(2):
-        source.step(train._global_batches(next(iterator), source_mesh, source.rules))
+        source.step(global_batches(next(iterator), source_mesh, source.rules))
     checkpointer = checkpointing.Checkpointer(str(tmp_path / "ckpt"))
     checkpointer.save(2, source.state, iterator)
     checkpointer.close()
@@ -35,7 +36,7 @@ def test_checkpoint_from_data_parallel_restores_onto_fsdp_tensor(tmp_path):
         source_config, mesh=sharding.MeshConfig(data=1, fsdp=4, tensor=2, rules="fsdp_tensor")
     )
     target_mesh = sharding.create_mesh(target_config.mesh)
-    target = train.build_training(target_config, target_mesh)
+    target = build_training(target_config, target_mesh)
     restored_iterator = _iterator(target_config)
     checkpointer = checkpointing.Checkpointer(str(tmp_path / "ckpt"))
     assert checkpointer.latest_step() == 2
@@ -52,9 +53,9 @@ def test_checkpoint_from_data_parallel_restores_onto_fsdp_tensor(tmp_path):
     resumed_next = next(restored_iterator)
     np.testing.assert_array_equal(resumed_next["interleaved"]["tokens"], expected_next["interleaved"]["tokens"])
     # And training continues with the same loss on both meshes (fp32 reduction order only).
-    batches = train._global_batches(local_batches(source_config, 2), source_mesh, source.rules)
+    batches = global_batches(local_batches(source_config, 2), source_mesh, source.rules)
     loss_source = float(source.step(batches)["loss"])
-    batches = train._global_batches(local_batches(source_config, 2), target_mesh, target.rules)
+    batches = global_batches(local_batches(source_config, 2), target_mesh, target.rules)
     loss_target = float(target.step(batches)["loss"])
     np.testing.assert_allclose(loss_target, loss_source, rtol=1e-5)
 
@@ -62,14 +63,14 @@ def test_checkpoint_from_data_parallel_restores_onto_fsdp_tensor(tmp_path):
 def test_init_from_loads_pretrained_parameters(tmp_path):
     config = smoke_config()
     mesh = sharding.create_mesh(config.mesh)
-    reference = train.build_training(config, mesh)
+    reference = build_training(config, mesh)
     pretrained = {
         key: np.full(value.shape, 0.125, value.dtype)
         for key, value in reference.frozen.items()
         if key.startswith("lm/")
     }
     checkpointing.save_params(str(tmp_path / "pretrained"), pretrained)
-    loaded = train.build_training(dataclasses.replace(config, init_from=str(tmp_path / "pretrained")), mesh)
+    loaded = build_training(dataclasses.replace(config, init_from=str(tmp_path / "pretrained")), mesh)
     for key, value in pretrained.items():
         np.testing.assert_array_equal(np.asarray(loaded.frozen[key]), value, err_msg=key)
     vision_key = next(key for key in reference.frozen if key.startswith("vision/"))

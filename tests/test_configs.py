@@ -72,9 +72,16 @@ def test_invalid_values_fail_with_the_setting_name():
 RUN_FILES = sorted(
     os.path.relpath(path, configs.EXPERIMENTS_DIR)
     for path in glob.glob(os.path.join(configs.EXPERIMENTS_DIR, "runs", "*.gin"))
-    # Partial files included by the runs: evaluation settings and the shared paper recipe.
-    if os.path.basename(path) not in ("eval_offline.gin", "flamingo_recipe.gin")
-)
+    # Partial files added to a run: evaluation settings and the shared paper recipe.
+    if os.path.basename(path) not in ("eval_benchmarks.gin", "flamingo_recipe.gin")
+) + ["flamingo_jax/demo/demo_cpu.gin", "flamingo_jax/demo/contrastive_fashion.gin"]
+
+
+@pytest.mark.parametrize("path", ["runs/eval_benchmarks.gin", "flamingo_jax/demo/demo_eval.gin"])
+def test_eval_gin_parses_beside_a_run(path):
+    configs.parse_gin(["runs/smoke_cpu.gin", path])
+    eval_config = configs.eval_config()
+    assert eval_config.tasks and eval_config.shots
 
 
 @pytest.mark.parametrize("path", RUN_FILES)
@@ -112,12 +119,12 @@ def test_paper_recipes(size):
 def test_demo_eval_overrides_to_fewer_tasks():
     """The demo's per-task settings (captions on 48 queries, the initialisation on classification
     at 4 shots) stay valid when a command line evaluates fewer tasks."""
-    configs.parse_gin(["runs/demo_cpu.gin"])
+    configs.parse_gin(["flamingo_jax/demo/demo_cpu.gin"])
     full = configs.eval_config()
     assert full.queries_for("fashion_mnist_captions") == 48 and full.queries_for("fashion_mnist") == 300
     assert full.tasks_for(None) == ("fashion_mnist", "fashion_mnist_captions")
     assert full.tasks_for(0) == ("fashion_mnist",)
     assert (full.shots_for(None), full.shots_for(0)) == ((0, 4, 8), (4,))
-    configs.parse_gin(["runs/demo_cpu.gin"], ["EvalConfig.tasks=['fashion_mnist_captions']"])
+    configs.parse_gin(["flamingo_jax/demo/demo_cpu.gin"], ["EvalConfig.tasks=['fashion_mnist_captions']"])
     fewer = configs.eval_config()
     assert fewer.tasks_for(None) == ("fashion_mnist_captions",) and fewer.tasks_for(0) == ()

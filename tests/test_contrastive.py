@@ -13,11 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flamingo_jax import configs, sharding, train
+from flamingo_jax import configs, sharding
 from flamingo_jax.batch import Batch
 from flamingo_jax.evaluation import contrastive as evaluation
 from flamingo_jax.models.contrastive import ContrastiveConfig, TextEncoderConfig, caption_tokens, contrastive_loss
+from flamingo_jax.models.kinds import build
 from flamingo_jax.models.vit import ViTConfig
+from flamingo_jax.train.loop import RunConfig, build_training, global_batches
+from flamingo_jax.train.loop import train as train_run
+from flamingo_jax.train.optimizer import OptimizerConfig
 
 TINY = ContrastiveConfig(
     vision=ViTConfig(image_size=16, patch_size=4, width=32, depth=1, num_heads=2, mlp_dim=64, activation="gelu"),
@@ -47,12 +51,7 @@ def _pairs(batch_size: int, seed: int = 0) -> Batch:
 
 
 def _model():
-    from flax import nnx
-
-    from flamingo_jax.models.flamingo import CountingRngs, model_class
-
-    with nnx.use_eager_sharding(False):
-        return model_class(TINY)(TINY, rngs=CountingRngs(0))
+    return build(TINY)
 
 
 def test_caption_tokens_follow_the_batch_contract():
@@ -126,7 +125,7 @@ def test_retrieval_metrics_match_a_hand_checked_matrix():
         evaluation.retrieval_metrics(similarity, relevant[:2])
 
 
-def _synthetic_run(tmp_path, steps: int, **overrides) -> train.RunConfig:
+def _synthetic_run(tmp_path, steps: int, **overrides) -> RunConfig:
     """A tiny contrastive run on generated pairs (no data preparation)."""
     from flamingo_jax.data.mixture import DatasetConfig
     from flamingo_jax.data.synthetic import SyntheticConfig
@@ -134,10 +133,10 @@ def _synthetic_run(tmp_path, steps: int, **overrides) -> train.RunConfig:
     pairs = DatasetConfig(
         name="pairs", batch_size=8, synthetic=SyntheticConfig(num_media=1, image_size=16, length=12, caption_length=4)
     )
-    return train.RunConfig(
+    return RunConfig(
         model=dataclasses.replace(TINY, text=dataclasses.replace(TINY.text, vocab_size=259)),
         datasets=(pairs,),
-        optimizer=train.OptimizerConfig(learning_rate=1e-3, warmup_steps=2),
+        optimizer=OptimizerConfig(learning_rate=1e-3, warmup_steps=2),
         train_steps=steps,
         checkpoint_every=2,
         log_every=1,
@@ -148,16 +147,16 @@ def _synthetic_run(tmp_path, steps: int, **overrides) -> train.RunConfig:
 
 def test_training_resumes_bit_identically(tmp_path):
     """Same loop, same guarantees: 3 steps, restart to 5, equals 5 steps straight."""
-    straight = train.train(_synthetic_run(tmp_path, 5), str(tmp_path / "straight"))
-    train.train(_synthetic_run(tmp_path, 3), str(tmp_path / "resumed"))
-    resumed = train.train(_synthetic_run(tmp_path, 5), str(tmp_path / "resumed"))
+    straight = train_run(_synthetic_run(tmp_path, 5), str(tmp_path / "straight"))
+    train_run(_synthetic_run(tmp_path, 3), str(tmp_path / "resumed"))
+    resumed = train_run(_synthetic_run(tmp_path, 5), str(tmp_path / "resumed"))
     assert straight["step"] == resumed["step"] == 5
 
     def final(workdir):
         from flamingo_jax import checkpointing
 
         config = _synthetic_run(tmp_path, 5)
-        training = train.build_training(config, sharding.create_mesh(config.mesh))
+        training = build_training(config, sharding.create_mesh(config.mesh))
         checkpointer = checkpointing.Checkpointer(str(workdir / "checkpoints"), async_save=False)
         try:
             return checkpointer.restore_state(5, training.abstract_state()).params
@@ -172,24 +171,28 @@ def test_training_resumes_bit_identically(tmp_path):
 
 @pytest.mark.slow
 def test_fashion_mnist_run_lifts_zero_shot_retrieval(tmp_path):
-    """runs/contrastive_fashion.gin, shortened to 200 steps: zero-shot R@1 in both directions far
-    above the initialisation (the full 300-step run's numbers are in the README)."""
-    configs.parse_gin(["runs/contrastive_fashion.gin"], ["TRAIN_STEPS=200"])
+    """The demo's contrastive_fashion.gin, shortened to 200 steps: zero-shot R@1 in both
+    directions far above the initialisation (the full 300-step run's numbers are in the demo's
+    RESULTS.md)."""
+    configs.parse_gin(["flamingo_jax/demo/contrastive_fashion.gin"], ["TRAIN_STEPS=200", "EvalConfig.num_queries=500"])
     try:
         run_config = dataclasses.replace(configs.run_config(), async_checkpointing=False)
+        eval_config = configs.eval_config()
     finally:
         gin.clear_config()
     workdir = str(tmp_path / "contrastive")
-    train.train(run_config, workdir)
+    train_run(run_config, workdir)
 
     def evaluated(step):
-        with open(evaluation.evaluate_contrastive(run_config, workdir, step, num_images=500)) as f:
+        with open(evaluation.evaluate_contrastive(run_config, eval_config, workdir, step)) as f:
             return json.load(f)
 
     trained, initial = evaluated(None), evaluated(0)
     assert trained["step"] == 200 and initial["step"] == 0
-    assert trained["metrics"]["image_to_text/R@1"] > initial["metrics"]["image_to_text/R@1"] + 25
-    assert trained["metrics"]["text_to_image/R@1"] > initial["metrics"]["text_to_image/R@1"] + 25
+    trained, initial = trained["metrics"]["fashion_mnist"], initial["metrics"]["fashion_mnist"]
+    assert trained["num_images"] == 500
+    assert trained["image_to_text/R@1"] > initial["image_to_text/R@1"] + 25
+    assert trained["text_to_image/R@1"] > initial["text_to_image/R@1"] + 25
 
 
 def test_exported_tower_trains_inside_a_flamingo_model(tmp_path):
@@ -202,7 +205,7 @@ def test_exported_tower_trains_inside_a_flamingo_model(tmp_path):
 
     contrastive_run = _synthetic_run(tmp_path, 2)
     workdir = str(tmp_path / "contrastive")
-    train.train(contrastive_run, workdir)
+    train_run(contrastive_run, workdir)
     step, count = export_vision(contrastive_run, workdir, str(tmp_path / "vision"))
     assert step == 2 and count > 10
 
@@ -215,13 +218,13 @@ def test_exported_tower_trains_inside_a_flamingo_model(tmp_path):
     assert isinstance(model, FlamingoConfig)
     flamingo_run = dataclasses.replace(smoke, model=model, init_from=str(tmp_path / "vision"))
     mesh = sharding.create_mesh(flamingo_run.mesh)
-    training = train.build_training(flamingo_run, mesh)
+    training = build_training(flamingo_run, mesh)
 
     shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in training.frozen.items() if k.startswith("vision/")}
     targets = {key: training.frozen[key].sharding for key in shapes}
     exported = checkpointing.load_params(str(tmp_path / "vision"), targets, shapes)
     assert set(exported) == set(shapes)
-    contrastive_training = train.build_training(contrastive_run, sharding.create_mesh(contrastive_run.mesh))
+    contrastive_training = build_training(contrastive_run, sharding.create_mesh(contrastive_run.mesh))
     checkpointer = checkpointing.Checkpointer(str(tmp_path / "contrastive" / "checkpoints"), async_save=False)
     try:
         trained = checkpointer.restore_state(2, contrastive_training.abstract_state()).params
@@ -232,5 +235,5 @@ def test_exported_tower_trains_inside_a_flamingo_model(tmp_path):
 
     token_ids = mixture.TokenIds(259, model.media_token_id, model.endofchunk_token_id)
     local = mixture.split_skipped(mixture.mixture_dataset(flamingo_run.datasets, token_ids, seed=0)[0])[0]
-    batches = train._global_batches(local, mesh, training.rules)
+    batches = global_batches(local, mesh, training.rules)
     assert np.isfinite(float(training.step(batches)["loss"]))

@@ -15,9 +15,10 @@ transformers = pytest.importorskip("transformers")
 
 from test_train import smoke_config  # noqa: E402
 
-from flamingo_jax import sharding, train  # noqa: E402
+from flamingo_jax import sharding  # noqa: E402
 from flamingo_jax.importers import llama  # noqa: E402
 from flamingo_jax.tokenizer import Tokenizer  # noqa: E402
+from flamingo_jax.train.loop import build_training  # noqa: E402
 
 pytestmark = pytest.mark.reference
 
@@ -52,7 +53,7 @@ def test_convert_cli_output_loads_as_init_from(tmp_path):
     assert "wrote" in result.stdout
 
     config = dataclasses.replace(smoke_config(), init_from=str(output))
-    training = train.build_training(config, sharding.create_mesh(config.mesh))
+    training = build_training(config, sharding.create_mesh(config.mesh))
     _, expected = llama.load_hf_llama(str(tmp_path / "hf"))
     for key, value in expected.items():
         np.testing.assert_array_equal(np.asarray(training.frozen[f"lm/{key}"]), value, err_msg=key)

@@ -1,5 +1,5 @@
-"""The demo run, shortened: real frozen SmolLM2 + EfficientNet-Lite0, trained on the offline
-demo mixture, checkpointed, evaluated few-shot (and at initialisation), reported."""
+"""The demo run, shortened: real frozen SmolLM2 + EfficientNet-Lite0, trained on the demo
+mixture, checkpointed, evaluated few-shot (and at initialisation), reported."""
 
 from __future__ import annotations
 
@@ -19,14 +19,14 @@ def test_demo_config_end_to_end(tmp_path):
         sys.executable,
         "-m",
         "flamingo_jax.main",
-        "--gin_file=runs/demo_cpu.gin",
+        "--gin_file=flamingo_jax/demo/demo_cpu.gin",
         f"--workdir={workdir}",
         "--gin.TRAIN_STEPS=3",
         "--gin.OptimizerConfig.warmup_steps=1",
         "--gin.CHECKPOINT_EVERY=3",
         "--gin.LOG_EVERY=1",
         "--gin.EVAL_QUERIES=8",
-        "--gin.EvalConfig.task_queries={'fashion_mnist_captions': 4}",
+        "--gin.EvalConfig.task_options={'fashion_mnist_captions': {'num_queries': 4}}",
         "--gin.EvalConfig.shots=[0, 4]",
         "--gin.EvalConfig.batch_size=8",
         "--gin.EvalConfig.max_new_tokens=6",

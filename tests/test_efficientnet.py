@@ -14,6 +14,7 @@ from flax import nnx
 
 from flamingo_jax import configs
 from flamingo_jax.data.images import image_config_for, preprocess
+from flamingo_jax.demo.weights import lite0_pth
 from flamingo_jax.importers.efficientnet import load_lite0
 from flamingo_jax.models.efficientnet import EfficientNet, EfficientNetConfig
 from flamingo_jax.models.flamingo import create_flamingo
@@ -27,7 +28,7 @@ EXPECTED = {"chelsea": {281, 282, 285}, "coffee": {504, 967, 968}, "rocket": {65
 def lite0():
     with nnx.use_eager_sharding(False):
         model = EfficientNet(EfficientNetConfig(), rngs=nnx.Rngs(0))
-    load_lite0(model)
+    load_lite0(model, lite0_pth())
     return model
 
 
@@ -103,7 +104,7 @@ def test_torch_free_reader_matches_torch_load(tmp_path):
     in a pickle are refused."""
     import torch
 
-    from flamingo_jax.importers.efficientnet import lite0_weights_path
+    from flamingo_jax.demo.weights import lite0_pth as lite0_weights_path
     from flamingo_jax.importers.torch_pickle import load_state_dict
 
     path = lite0_weights_path()

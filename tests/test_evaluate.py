@@ -1,14 +1,19 @@
-"""The eval mode of the entry point: a smoke run's checkpoint evaluated few-shot on the offline
-real sets, JSON results with every prediction; clear errors for a missing checkpoint."""
+"""Evaluation of a run: a smoke run's checkpoint evaluated few-shot on real sets, JSON results
+with every prediction; the evaluation at the end of training equals a rebuilt one; clear errors
+for a missing checkpoint or a bad task; the notebook runs headless on the workdir."""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+
+import flamingo_jax.demo  # noqa: F401  (registers the demo's tasks these tests evaluate on)
+from flamingo_jax import configs
+from flamingo_jax.evaluation.run import evaluate_run
+
+from conftest import SMOKE_STEPS, copy_run
 
 EVAL_BINDINGS = [
     "EvalConfig.shots=[0, 2]",
@@ -19,27 +24,30 @@ EVAL_BINDINGS = [
     "EvalConfig.max_new_tokens=4",
     "EvalConfig.num_beams=2",
 ]
+EVAL_FILES = ["runs/smoke_cpu.gin", "flamingo_jax/demo/demo_eval.gin"]
 
 
-def run_main(workdir, mode, *bindings, gin_files=("runs/smoke_cpu.gin",)):
-    command = [sys.executable, "-m", "flamingo_jax.main", f"--mode={mode}", f"--workdir={workdir}"]
-    command += [f"--gin_file={f}" for f in gin_files] + [f"--gin.{b}" for b in bindings]
-    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+def configs_for(*bindings, files=EVAL_FILES):
+    configs.parse_gin(files, [*EVAL_BINDINGS, *bindings])
+    return configs.run_config(), configs.eval_config()
+
+
+def read_record(workdir, task, step):
+    with open(os.path.join(workdir, "eval", f"{task}_{step}.json")) as f:
+        return json.load(f)
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("run")
-    result = run_main(workdir, "train", "TRAIN_STEPS=4", "CHECKPOINT_EVERY=4", "LOG_EVERY=2")
-    assert result.returncode == 0, result.stderr[-3000:]
+def evaluated(smoke_run, tmp_path_factory):
+    """The smoke run's last checkpoint evaluated on the demo's four tasks."""
+    workdir = copy_run(smoke_run, tmp_path_factory.mktemp("evaluated") / "run")
+    run_config, eval_config = configs_for("EvalConfig.task_options={'skimage_captions': {'num_queries': 3}}")
+    written = evaluate_run(run_config, eval_config, str(workdir))
+    assert os.path.join(workdir, "eval", "report.md") in written
     return workdir
 
 
-def test_eval_mode_writes_results_and_predictions(trained):
-    files = ("runs/smoke_cpu.gin", "runs/eval_offline.gin")
-    fewer = "EvalConfig.task_queries={'skimage_captions': 3}"
-    result = run_main(trained, "eval", *EVAL_BINDINGS, fewer, gin_files=files)
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_eval_writes_results_and_predictions(evaluated):
     expected = {
         "fashion_mnist": "accuracy",
         "fashion_mnist_vqa": "accuracy",
@@ -47,9 +55,8 @@ def test_eval_mode_writes_results_and_predictions(trained):
         "skimage_captions": "CIDEr",
     }
     for task, metric in expected.items():
-        with open(os.path.join(trained, "eval", f"{task}_4.json")) as f:
-            record = json.load(f)
-        assert record["step"] == 4 and record["task"] == task
+        record = read_record(evaluated, task, SMOKE_STEPS)
+        assert record["step"] == SMOKE_STEPS and record["task"] == task
         for shots in ("0", "2"):
             values = record["results"][shots]
             assert values["metric"] == metric and len(values["per_seed"]) == 2
@@ -58,54 +65,50 @@ def test_eval_mode_writes_results_and_predictions(trained):
                 rows = record["predictions"][shots][seed]
                 assert len(rows) == (3 if task == "skimage_captions" else 6)
                 assert all("prediction" in row for row in rows)
+    report = (evaluated / "eval" / "report.md").read_text()
+    assert all(f"| {task} | {SMOKE_STEPS} |" in report for task in expected)
+    assert os.path.getsize(evaluated / "eval" / "report.png") > 10_000
 
-    # The initialisation (checkpoint_step=0) is evaluated the same way; a missing step is an error.
-    result = run_main(
-        trained,
-        "eval",
-        *EVAL_BINDINGS,
-        "EvalConfig.tasks=['fashion_mnist']",
-        "EvalConfig.checkpoint_step=0",
-        gin_files=files,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert os.path.exists(os.path.join(trained, "eval", "fashion_mnist_0.json"))
-    result = run_main(trained, "eval", *EVAL_BINDINGS, "EvalConfig.checkpoint_step=3", gin_files=files)
-    assert result.returncode != 0 and "no checkpoint at step 3" in result.stderr and "available: [4]" in result.stderr
-    result = run_main(trained, "eval", *EVAL_BINDINGS, "EvalConfig.tasks=['imagenet']", gin_files=files)
-    assert result.returncode != 0 and "EvalConfig.tasks: unknown tasks ['imagenet']" in result.stderr
-    result = run_main(trained, "eval", *EVAL_BINDINGS, "EvalConfig.task_queries={'fashion': 3}", gin_files=files)
-    assert result.returncode != 0 and "EvalConfig.task_queries: unknown tasks ['fashion']" in result.stderr
+
+def test_eval_of_the_initialisation_and_clear_errors(evaluated):
+    run_config, eval_config = configs_for("EvalConfig.tasks=['fashion_mnist']", "EvalConfig.checkpoint_step=0")
+    evaluate_run(run_config, eval_config, str(evaluated))
+    assert read_record(evaluated, "fashion_mnist", 0)["step"] == 0
+    run_config, eval_config = configs_for("EvalConfig.tasks=['fashion_mnist']", "EvalConfig.checkpoint_step=3")
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint at step 3 .*available: \[4\]"):
+        evaluate_run(run_config, eval_config, str(evaluated))
+    with pytest.raises(ValueError, match="EvalConfig.tasks: unknown evaluation task 'imagenet'"):
+        configs_for("EvalConfig.tasks=['imagenet']")
+    with pytest.raises(ValueError, match="EvalConfig.task_options: unknown evaluation task 'fashion'"):
+        configs_for("EvalConfig.task_options={'fashion': {'num_queries': 3}}")
+    with pytest.raises(
+        ValueError, match=r"task 'coco' needs EvalConfig.task_options\['coco'\] to set \['path', 'image_root'\]"
+    ):
+        run_config, eval_config = configs_for("EvalConfig.tasks=['coco']")
+        evaluate_run(run_config, eval_config, str(evaluated))
 
 
 def test_evaluation_at_the_end_of_training_reuses_the_trained_model(tmp_path):
     """``RunConfig.evaluate_at_end`` evaluates the model the training holds (and the initial
     parameters it kept, at ``EvalConfig.init_shots``) without rebuilding it: the same results and
-    predictions as ``--mode=eval`` on the run's checkpoint, which rebuilds the model and restores
-    the parameters."""
-    files = ("runs/smoke_cpu.gin", "runs/eval_offline.gin")
-    bindings = [
-        *EVAL_BINDINGS,
-        "EvalConfig.tasks=['fashion_mnist']",
-        "EvalConfig.include_init=True",
-        "EvalConfig.init_shots=[2]",
-    ]
+    predictions as an evaluation that rebuilds the model and restores the checkpoint."""
+    from flamingo_jax.train.loop import train
+
+    bindings = ["EvalConfig.tasks=['fashion_mnist']", "EvalConfig.include_init=True", "EvalConfig.init_shots=[2]"]
     run = ["TRAIN_STEPS=3", "CHECKPOINT_EVERY=3", "RunConfig.evaluate_at_end=True"]
-    result = run_main(tmp_path, "train", *run, *bindings, gin_files=files)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_config, eval_config = configs_for(*run, *bindings)
+    summary = train(run_config, str(tmp_path))
+    evaluate_run(run_config, eval_config, str(tmp_path), summary)
 
     def records():
-        out = {}
-        for step in (3, 0):
-            with open(os.path.join(tmp_path, "eval", f"fashion_mnist_{step}.json")) as f:
-                record = json.load(f)
-            out[step] = (record["results"], record["predictions"])
-        return out
+        return {
+            step: (lambda r: (r["results"], r["predictions"]))(read_record(tmp_path, "fashion_mnist", step))
+            for step in (3, 0)
+        }
 
     at_end = records()
     assert (set(at_end[3][0]), set(at_end[0][0])) == ({"0", "2"}, {"2"})  # EvalConfig.init_shots
-    result = run_main(tmp_path, "eval", *bindings, gin_files=files)
-    assert result.returncode == 0, result.stderr[-3000:]
+    evaluate_run(run_config, eval_config, str(tmp_path))  # rebuilt, checkpoint restored
     assert records() == at_end
     assert at_end[3][1] != at_end[0][1]  # the trained model and its initialisation differ
 
@@ -115,21 +118,23 @@ NOTEBOOK = os.path.join(
 )
 
 
-def test_notebook_runs_headless_on_the_workdir(trained, monkeypatch):
+def test_notebook_runs_headless_on_the_workdir(smoke_run, tmp_path, monkeypatch):
     """The checkpoint-evaluation notebook, executed by a real Jupyter kernel against the smoke
     run: no error, and its two figures (prediction grid, training curves) are produced."""
     import nbclient
     import nbformat
 
+    workdir = copy_run(smoke_run, tmp_path / "run")
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")  # stored clean
-    monkeypatch.setenv("FLAMINGO_WORKDIR", str(trained))
+    monkeypatch.setenv("FLAMINGO_WORKDIR", str(workdir))
     monkeypatch.setenv("FLAMINGO_TASK", "skimage_captions")
     monkeypatch.setenv("FLAMINGO_SHOTS", "2")
     monkeypatch.setenv("FLAMINGO_QUERIES", "4")
     monkeypatch.setenv("XLA_FLAGS", "")  # one device in the kernel is enough
+    root = os.path.dirname(os.path.dirname(NOTEBOOK))
     client = nbclient.NotebookClient(
-        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(trained)}}
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": root}}
     )
     client.execute()
     images = [
@@ -141,7 +146,7 @@ def test_notebook_runs_headless_on_the_workdir(trained, monkeypatch):
     ]
     assert len(images) == 2
     for name in ("predictions.png", "training.png"):
-        path = os.path.join(trained, "eval", "notebook", name)
+        path = os.path.join(workdir, "eval", "notebook", name)
         assert os.path.getsize(path) > 5000
     text = "".join(o.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs)
-    assert "checkpoint at step 4" in text and "skimage_captions, 2-shot: CIDEr =" in text
+    assert f"checkpoint at step {SMOKE_STEPS}" in text and "skimage_captions, 2-shot: CIDEr =" in text

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import flamingo_jax.demo  # noqa: F401  (registers the demo tasks these tests name)
 from flamingo_jax import configs
 from flamingo_jax.evaluation import fewshot
 from flamingo_jax.evaluation.tasks import Example, Task
@@ -71,13 +72,29 @@ def test_every_kind_end_to_end(model, kind):
     assert again["results"] == out["results"]  # deterministic given the seeds
 
 
-def test_task_queries_init_tasks_and_init_shots():
+def test_evaluator_yields_each_shot_counts_metric(model):
+    """big_vision-style evaluators: ``run(model)`` yields ('<shots>-shot/<metric>', mean) as each
+    shot count finishes, the same numbers its ``results`` keep."""
+    examples = _examples(4)
+    task = Task("t", "classification", examples, examples, class_names=("cat", "dog"))
+    config = fewshot.EvalConfig(shots=(0, 1), num_queries=4, batch_size=4)
+    evaluator = fewshot.FewShotEvaluator(task, TOKENIZER, config, fewshot.ImageConfig(image_size=16))
+    pairs = list(evaluator.run(model))
+    assert [name for name, _ in pairs] == ["0-shot/accuracy", "1-shot/accuracy"]
+    assert [value for _, value in pairs] == [evaluator.results[s]["accuracy"] for s in (0, 1)]
+    assert all(len(evaluator.predictions[s][0]) == 4 for s in (0, 1))
+
+
+def test_task_options_init_tasks_and_init_shots():
     a, b, c = "fashion_mnist", "fashion_mnist_captions", "skimage_captions"
-    config = fewshot.EvalConfig(tasks=(a, b), num_queries=100, task_queries={b: 48})
+    config = fewshot.EvalConfig(tasks=(a, b), num_queries=100, task_options={b: {"num_queries": 48}})
     assert (config.queries_for(a), config.queries_for(b)) == (100, 48)
-    assert fewshot.EvalConfig(tasks=(a,), task_queries={c: 4}).queries_for(a) == 100  # c is not run
-    with pytest.raises(ValueError, match=r"task_queries\['fashion_mnist'\]=0"):
-        fewshot.EvalConfig(tasks=(a,), task_queries={a: 0})
+    assert config.options_for(b) == {"num_queries": 48, "pool_size": 2000}
+    assert fewshot.EvalConfig(tasks=(a,), task_options={c: {"num_queries": 4}}).queries_for(a) == 100  # c is not run
+    with pytest.raises(ValueError, match=r"task_options\['fashion_mnist'\]\['num_queries'\]=0"):
+        fewshot.EvalConfig(tasks=(a,), task_options={a: {"num_queries": 0}})
+    with pytest.raises(ValueError, match=r"task_options\['fashion_mnist'\] must be a dict"):
+        fewshot.EvalConfig(tasks=(a,), task_options={a: 3})
     config = fewshot.EvalConfig(tasks=(a, b), init_tasks=(b,))
     assert (config.tasks_for(None), config.tasks_for(500), config.tasks_for(0)) == ((a, b), (a, b), (b,))
     assert fewshot.EvalConfig(tasks=(a, b)).tasks_for(0) == (a, b)
@@ -88,9 +105,9 @@ def test_task_queries_init_tasks_and_init_shots():
     with pytest.raises(ValueError, match="shots must be >= 0"):
         fewshot.EvalConfig(tasks=(a,), init_shots=(-1,))
     # A name outside the task registry is refused when the config is built, before any training.
-    with pytest.raises(ValueError, match=r"EvalConfig.init_tasks: unknown tasks \['fashion'\]"):
+    with pytest.raises(ValueError, match=r"EvalConfig.init_tasks: unknown evaluation task 'fashion'; registered"):
         fewshot.EvalConfig(tasks=(a,), init_tasks=("fashion",))
-    with pytest.raises(ValueError, match=r"EvalConfig.tasks: unknown tasks \['imagenet'\]"):
+    with pytest.raises(ValueError, match=r"EvalConfig.tasks: unknown evaluation task 'imagenet'"):
         fewshot.EvalConfig(tasks=(a, "imagenet"))
 
 
@@ -109,60 +126,37 @@ def test_demonstrations_never_include_the_query_and_rices_picks_nearest():
     assert rices.choose(0, pool[0], 2, None) == [2, 1]
 
 
-def test_dataset_readers(tmp_path):
+def test_dataset_readers(benchmark_files, tmp_path):
     """COCO Karpathy JSON, VQAv2 question/annotation JSON and HatefulMemes jsonl, read from
     files in their published layouts."""
-    import json
-
     from flamingo_jax.evaluation import tasks
 
-    from conftest import encoded_image
-
-    (tmp_path / "val2014").mkdir()
-    for image_id in (1, 2):
-        (tmp_path / "val2014" / f"COCO_val2014_{image_id:012d}.jpg").write_bytes(encoded_image((image_id * 60, 0, 0)))
-    karpathy = {
-        "images": [
-            {"filepath": "val2014", "filename": "COCO_val2014_000000000001.jpg", "split": "test", "cocoid": 1,
-             "sentences": [{"raw": "A red thing. "}, {"raw": "Something red."}]},
-            {"filepath": "val2014", "filename": "COCO_val2014_000000000002.jpg", "split": "restval", "cocoid": 2,
-             "sentences": [{"raw": "A darker red thing."}]},
-        ]
-    }  # fmt: skip
-    (tmp_path / "dataset_coco.json").write_text(json.dumps(karpathy))
-    coco = tasks.read_karpathy(str(tmp_path / "dataset_coco.json"), str(tmp_path))
-    assert [e.id for e in coco.queries] == ["1"] and [e.id for e in coco.pool] == ["2"]
-    assert coco.queries[0].answers == ["A red thing.", "Something red."]
+    files = benchmark_files
+    coco = tasks.read_karpathy(files["coco_json"], files["coco_images"])
+    assert [e.id for e in coco.queries] == ["1", "2", "3"] and [e.id for e in coco.pool] == ["4", "5", "6"]
+    assert coco.queries[0].answers == ["A red thing number 1.", "Something red."]
     assert coco.queries[0].load_image().shape == (20, 24, 3)
 
-    questions = {"questions": [{"image_id": 2, "question": "What colour?", "question_id": 20}]}
-    annotations = {"annotations": [{"question_id": 20, "answers": [{"answer": "red"}] * 9 + [{"answer": "maroon"}]}]}
-    (tmp_path / "q.json").write_text(json.dumps(questions))
-    (tmp_path / "a.json").write_text(json.dumps(annotations))
-    vqa = tasks.read_vqav2(str(tmp_path / "q.json"), str(tmp_path / "a.json"), str(tmp_path / "val2014"))
+    vqa = tasks.read_vqav2(files["vqav2_questions"], files["vqav2_annotations"], files["vqav2_images"])
     query = vqa.queries[0]
     assert query.question == "What colour?" and query.answers.count("red") == 9 and query.load_image().shape[2] == 3
     assert vqa.demo_answer(query, np.random.default_rng(0)) == " red"
 
-    (tmp_path / "img").mkdir()
-    (tmp_path / "img" / "01.png").write_bytes(encoded_image((0, 0, 200), fmt="PNG"))
-    lines = [
-        {"id": 1, "img": "img/01.png", "label": 1, "text": "a meme"},
-        {"id": 2, "img": "img/01.png", "label": 0, "text": "b"},
-    ]
-    (tmp_path / "dev.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
-    memes = tasks.read_hateful_memes(str(tmp_path / "dev.jsonl"), str(tmp_path))
-    assert memes.kind == "binary" and [e.label for e in memes.queries] == [1, 0] and memes.queries[0].text == "a meme"
+    memes = tasks.read_hateful_memes(files["hateful_memes_jsonl"], files["hateful_memes_images"])
+    assert memes.kind == "binary" and [e.label for e in memes.queries] == [1, 0, 1, 0]
+    assert memes.queries[0].text == "meme 1" and memes.queries[0].load_image().shape == (20, 24, 3)
     (tmp_path / "bad.jsonl").write_text('{"id": 3}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1: not a HatefulMemes record"):
         tasks.read_hateful_memes(str(tmp_path / "bad.jsonl"), str(tmp_path))
+    assert {"coco", "flickr30k", "vqav2", "hateful_memes"} <= set(tasks.TASKS)
 
 
 def test_fashion_captions_are_held_out_and_read_like_training():
     """The captioning task's queries are Fashion-MNIST test images, demonstrations come from the
     train split, and the prompt is the training captions' layout: ``<image>`` then the caption."""
-    from flamingo_jax.data.builders import FASHION_MNIST_CAPTION, FASHION_MNIST_CLASSES
-    from flamingo_jax.evaluation.tasks import fashion_mnist_captioning
+    from flamingo_jax.demo.fashion_mnist import CAPTION as FASHION_MNIST_CAPTION
+    from flamingo_jax.demo.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
+    from flamingo_jax.demo.fashion_mnist import captioning as fashion_mnist_captioning
 
     task = fashion_mnist_captioning(num_queries=5, pool_size=20)
     assert task.kind == "captioning" and len(task.queries) == 5 and len(task.pool) == 20

@@ -12,13 +12,8 @@ import optax
 import pytest
 from flax import nnx
 
-from flamingo_jax.models.flamingo import (
-    TRAINABLE_GROUPS,
-    FlamingoConfig,
-    count_params,
-    create_flamingo,
-    trainable_filter,
-)
+from flamingo_jax.models.flamingo import TRAINABLE_GROUPS, FlamingoConfig, create_flamingo
+from flamingo_jax.models.kinds import count_params, trainable_filter
 from flamingo_jax.models.llama import KVCache
 from flamingo_jax.models.nfnet import NFNetConfig
 from flamingo_jax.models.xattn import XAttnConfig, media_attention_mask

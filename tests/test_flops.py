@@ -9,9 +9,10 @@ import pytest
 from flax import nnx
 from test_train import local_batches, smoke_config
 
-from flamingo_jax import configs, flops, sharding, train
+from flamingo_jax import configs, flops, sharding
 from flamingo_jax.data.synthetic import SyntheticConfig
 from flamingo_jax.models.nfnet import NFNet, NFNetConfig
+from flamingo_jax.train.loop import build_training, global_batches
 
 
 def _matmul_heavy_config(placement):
@@ -41,8 +42,8 @@ def _matmul_heavy_config(placement):
 def test_analytic_flops_match_xla(placement):
     config = _matmul_heavy_config(placement)
     mesh = sharding.create_mesh(config.mesh, jax.devices()[:1])
-    training = train.build_training(config, mesh)
-    batches = train._global_batches(local_batches(config, 0), mesh, training.rules)
+    training = build_training(config, mesh)
+    batches = global_batches(local_batches(config, 0), mesh, training.rules)
     with sharding.activation_sharding(mesh, training.rules):
         compiled = training.step_fn.lower(training.state, training.frozen, batches).compile()
     cost = compiled.cost_analysis()

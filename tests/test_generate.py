@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flamingo_jax.generate import GenerateConfig, generate
+from flamingo_jax.evaluation.generate import GenerateConfig, generate
 from flamingo_jax.models.flamingo import create_flamingo
 
 from conftest import jit_forward, make_batch, set_gates

@@ -19,7 +19,8 @@ from flax import nnx  # noqa: E402
 from flamingo_jax import configs  # noqa: E402
 from flamingo_jax.importers import clip, openflamingo  # noqa: E402
 from flamingo_jax.importers.pretrained import assign  # noqa: E402
-from flamingo_jax.models.flamingo import CountingRngs, Flamingo  # noqa: E402
+from flamingo_jax.models.flamingo import Flamingo  # noqa: E402
+from flamingo_jax.models.layers import CountingRngs  # noqa: E402
 from flamingo_jax.models.resampler import PerceiverResampler, ResamplerConfig  # noqa: E402
 from flamingo_jax.models.vit import ViT  # noqa: E402
 from flamingo_jax.models.xattn import GatedCrossAttentionBlock, XAttnConfig, media_attention_mask  # noqa: E402

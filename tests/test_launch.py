@@ -46,7 +46,14 @@ def test_setup_copies_and_installs_on_every_worker():
     ssh = commands[2]
     assert ssh[4] == "ssh" and "--worker=all" in ssh
     remote = next(a for a in ssh if a.startswith("--command="))
-    assert "pip install -q -e . 'jax[tpu]'" in remote and "dataset-fashion-mnist" in remote
+    assert "pip install -q -e '.' 'jax[tpu]'" in remote and "fashion" not in remote
+
+
+def test_setup_installs_the_extras_and_packages_asked_for():
+    result, commands = dry_run("setup", "--extras=notebook", "--pip=my-weights==1.0")
+    remote = next(a for a in commands[2] if a.startswith("--command="))
+    assert result.returncode == 0 and "pip install -q -e '.[notebook]' 'jax[tpu]'" in remote
+    assert remote.endswith("pip install -q my-weights==1.0")
 
 
 def test_run_passes_gin_flags_and_environment_to_all_workers():

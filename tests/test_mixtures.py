@@ -14,7 +14,7 @@ import pytest
 from test_sources import video_dir  # noqa: F401 (a fixture)
 
 from flamingo_jax import configs
-from flamingo_jax.metrics import read_metrics
+from flamingo_jax.train.writer import read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_demo_mixture_trains_on_real_images(tmp_path):
         "-m",
         "flamingo_jax.main",
         "--gin_file=runs/smoke_cpu.gin",
-        "--gin_file=mixtures/demo.gin",
+        "--gin_file=flamingo_jax/demo/demo_mixture.gin",
         f"--workdir={tmp_path / 'run'}",
         "--gin.LlamaConfig.vocab_size=259",
         "--gin.RunConfig.tokenizer='bytes'",

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 from test_main import main_command, run_main, without_timing
 
-from flamingo_jax.metrics import read_metrics
+from flamingo_jax.train.writer import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BINDINGS = ("TRAIN_STEPS=4", "CHECKPOINT_EVERY=2", "LOG_EVERY=1")

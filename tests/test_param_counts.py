@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from flamingo_jax import configs
-from flamingo_jax.models.flamingo import abstract_model, count_params, trainable_filter
+from flamingo_jax.models.kinds import abstract_model, count_params, trainable_filter
 
 # (frozen LM, GATED XATTN-DENSE, total) in billions; vision 435M and resampler 194M for all.
 PAPER = {

@@ -11,7 +11,9 @@ import gin
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
+import flamingo_jax.demo  # noqa: F401  (registers the fashion_mnist task the probes read)
 from flamingo_jax import configs
 from flamingo_jax.data.images import image_config_for
 from flamingo_jax.models.flamingo import create_flamingo
@@ -49,7 +51,9 @@ def test_probe_sees_what_a_collapsed_resampler_discards():
         run_config = configs.run_config()
     finally:
         gin.clear_config()
-    data = probe.fashion_mnist_probe_data(image_config_for(run_config.model.vision), train_images=400, test_images=200)
+    data = probe.probe_data(
+        "fashion_mnist", image_config_for(run_config.model.vision), train_images=400, test_images=200
+    )
     model = create_flamingo(run_config.model)
     intact = probe.probe_model(model, data)
     assert list(intact) == ["vision", "resampler/input", "resampler/layer0", "resampler/layer1", "resampler/output"]
@@ -64,6 +68,7 @@ def test_probe_sees_what_a_collapsed_resampler_discards():
 
 def test_probe_cli_writes_its_table(tmp_path):
     command = [sys.executable, "-m", "flamingo_jax.tools.probe", "--gin_file=runs/smoke_cpu.gin"]
+    command += ["--gin_file=flamingo_jax/demo/demo_eval.gin", "--task=fashion_mnist"]
     result = subprocess.run(
         [*command, f"--workdir={tmp_path}", "--steps=0", "--train_images=200", "--test_images=100"],
         capture_output=True,
@@ -74,5 +79,8 @@ def test_probe_cli_writes_its_table(tmp_path):
     written = json.loads((tmp_path / "eval" / "probe.json").read_text())
     assert set(written) == {"0"} and 0.0 <= written["0"]["vision"] <= 1.0
     # The default steps include the latest checkpoint, which this directory does not have.
-    missing = subprocess.run([*command, f"--workdir={tmp_path}"], capture_output=True, text=True)
-    assert missing.returncode != 0 and "no checkpoint" in missing.stderr
+    configs.parse_gin(["runs/smoke_cpu.gin"])
+    with pytest.raises(FileNotFoundError, match="no checkpoint at all"):
+        probe.probe_run(
+            configs.run_config(), str(tmp_path), [None], task="fashion_mnist", train_images=20, test_images=10
+        )

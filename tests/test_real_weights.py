@@ -14,7 +14,8 @@ transformers = pytest.importorskip("transformers")
 
 from flax import nnx  # noqa: E402
 
-from flamingo_jax.importers.pretrained import llama_from_pretrained, smollm2_gguf  # noqa: E402
+from flamingo_jax.demo.weights import smollm2_gguf  # noqa: E402
+from flamingo_jax.importers.pretrained import llama_from_pretrained  # noqa: E402
 from flamingo_jax.models.llama import KVCache  # noqa: E402
 from flamingo_jax.tokenizer import Tokenizer  # noqa: E402
 

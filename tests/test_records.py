@@ -111,7 +111,7 @@ def test_training_run_on_a_webdataset_mixture_counts_skips(pairs_dir, tmp_path):
     records reach metrics.jsonl and the loss stays finite."""
     from test_main import run_main
 
-    from flamingo_jax.metrics import read_metrics
+    from flamingo_jax.train.writer import read_metrics
 
     bindings = [
         "LlamaConfig.vocab_size=259",

@@ -9,9 +9,9 @@ import os
 
 import numpy as np
 
-from flamingo_jax import report
-from flamingo_jax.data.builders import FASHION_MNIST_CLASSES
-from flamingo_jax.evaluation import tasks
+from flamingo_jax.demo import fashion_mnist
+from flamingo_jax.demo.fashion_mnist import CLASSES as FASHION_MNIST_CLASSES
+from flamingo_jax.evaluation import report
 
 
 def _record(step: int, shots_accuracy: dict[int, float], queries: list) -> dict:
@@ -32,12 +32,16 @@ def _record(step: int, shots_accuracy: dict[int, float], queries: list) -> dict:
 
 
 def test_report_table_queries_and_standard_error(tmp_path):
-    queries = tasks.fashion_mnist_classification(num_queries=300, pool_size=0).queries
+    task = fashion_mnist.classification(num_queries=300, pool_size=0)
+    queries = task.queries
     os.makedirs(tmp_path / "eval")
     for step, accuracies in ((320, {0: 81.0, 4: 80.0, 8: 79.0}), (0, {4: 7.5})):
         with open(tmp_path / "eval" / f"fashion_mnist_{step}.json", "w") as f:
             json.dump(_record(step, accuracies, queries), f)
-    text = report.write_report(str(tmp_path), wall_time_s=600.0)
+    without_tasks = report.write_report(str(tmp_path), wall_time_s=600.0)
+    assert "report.png" not in without_tasks and not (tmp_path / "eval" / "report.png").exists()
+    text = report.write_report(str(tmp_path), wall_time_s=600.0, tasks={"fashion_mnist": task})
+    assert text == without_tasks + "\n![predictions](report.png)\n"
     assert "| task | step | metric | queries | 0-shot | 4-shot | 8-shot |" in text
     assert "| fashion_mnist | init (frozen LM) | accuracy | 300 |  | 7.5 ± 0.0 |  |" in text
     assert "| fashion_mnist | 320 | accuracy | 300 | 81.0 ± 0.0 | 80.0 ± 0.0 | 79.0 ± 0.0 |" in text

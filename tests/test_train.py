@@ -10,13 +10,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flamingo_jax import configs, sharding, train
+from flamingo_jax import configs, sharding
 from flamingo_jax.batch import Batch
 from flamingo_jax.data import mixture
 from flamingo_jax.models.flamingo import token_loss
+from flamingo_jax.train.loop import RunConfig, build_training, global_batches
+from flamingo_jax.train.optimizer import OptimizerConfig, learning_rate_schedule, make_optimizer
 
 
-def smoke_config(*bindings) -> train.RunConfig:
+def smoke_config(*bindings) -> RunConfig:
     configs.parse_gin(["runs/smoke_cpu.gin"], bindings)
     try:
         return configs.run_config()
@@ -24,17 +26,17 @@ def smoke_config(*bindings) -> train.RunConfig:
         gin.clear_config()
 
 
-def local_batches(config: train.RunConfig, step: int) -> dict:
+def local_batches(config: RunConfig, step: int) -> dict:
     model = config.model
     token_ids = mixture.TokenIds(model.lm.vocab_size, model.media_token_id, model.endofchunk_token_id)
     return mixture.split_skipped(mixture.mixture_dataset(config.datasets, token_ids, seed=config.seed)[step])[0]
 
 
 def run_steps(config, mesh, steps=2):
-    training = train.build_training(config, mesh)
+    training = build_training(config, mesh)
     losses = []
     for step in range(steps):
-        batches = train._global_batches(local_batches(config, step), mesh, training.rules)
+        batches = global_batches(local_batches(config, step), mesh, training.rules)
         losses.append(float(training.step(batches)["loss"]))
     return training, losses
 
@@ -69,11 +71,11 @@ def test_same_step_on_one_and_eight_devices(rules):
 def test_frozen_weights_unchanged_and_without_optimizer_state():
     config = smoke_config()
     mesh = sharding.create_mesh(config.mesh)
-    training = train.build_training(config, mesh)
+    training = build_training(config, mesh)
     frozen_before = {key: np.asarray(value) for key, value in training.frozen.items()}
     params_before = {key: np.asarray(value) for key, value in training.state.params.items()}
     for step in range(3):
-        training.step(train._global_batches(local_batches(config, step), mesh, training.rules))
+        training.step(global_batches(local_batches(config, step), mesh, training.rules))
     for key, value in training.frozen.items():
         np.testing.assert_array_equal(np.asarray(value), frozen_before[key], err_msg=key)
     changed = [
@@ -104,14 +106,14 @@ def test_loss_with_no_counted_target_is_zero_not_nan():
 
 
 def test_weight_decay_skips_the_resampler_and_schedule_warms_up():
-    optimizer = train.OptimizerConfig(learning_rate=1.0, warmup_steps=4, weight_decay=0.5, clip_norm=1e9)
-    tx = train.make_optimizer(optimizer)
+    optimizer = OptimizerConfig(learning_rate=1.0, warmup_steps=4, weight_decay=0.5, clip_norm=1e9)
+    tx = make_optimizer(optimizer)
     params = {"resampler/w": jnp.ones(3), "xattn_layers/0/w": jnp.ones(3)}
     state = tx.init(params)
     updates, _ = tx.update({k: jnp.zeros(3) for k in params}, state, params)
     assert float(jnp.abs(updates["resampler/w"]).max()) == 0.0  # zero gradient, no decay
     assert float(updates["xattn_layers/0/w"][0]) == pytest.approx(-0.25 * 0.5)  # lr(0) = 1/4
-    schedule = train.learning_rate_schedule(optimizer)
+    schedule = learning_rate_schedule(optimizer)
     assert [float(schedule(s)) for s in (0, 3, 100)] == [0.25, 1.0, 1.0]
 
 
@@ -136,14 +138,14 @@ def test_remat_and_bf16_settings():
 
 
 def test_cosine_schedule_after_warmup():
-    config = train.OptimizerConfig(learning_rate=1e-3, warmup_steps=10, schedule="cosine", decay_steps=110)
-    schedule = train.learning_rate_schedule(config)
+    config = OptimizerConfig(learning_rate=1e-3, warmup_steps=10, schedule="cosine", decay_steps=110)
+    schedule = learning_rate_schedule(config)
     rates = [float(schedule(step)) for step in (0, 9, 10, 60, 110, 200)]
     assert rates[0] == pytest.approx(1e-4) and rates[1] == pytest.approx(1e-3)
     assert rates[2] == pytest.approx(1e-3) and rates[3] == pytest.approx(5e-4, rel=1e-3)
     assert rates[4] == pytest.approx(0.0, abs=1e-9) and rates[5] == pytest.approx(0.0, abs=1e-9)
     with pytest.raises(ValueError, match="decay_steps=5 must exceed warmup_steps=10"):
-        train.OptimizerConfig(warmup_steps=10, schedule="cosine", decay_steps=5)
+        OptimizerConfig(warmup_steps=10, schedule="cosine", decay_steps=5)
 
 
 def test_learning_rate_multipliers_scale_matching_parameters():
@@ -151,8 +153,8 @@ def test_learning_rate_multipliers_scale_matching_parameters():
     grads = {"xattn_layers/0/attn_gate": jnp.ones(()), "xattn_layers/0/to_q/kernel": jnp.ones(2)}
 
     def first_update(**options):
-        config = train.OptimizerConfig(learning_rate=1e-2, warmup_steps=1, weight_decay=0.0, **options)
-        tx = train.make_optimizer(config)
+        config = OptimizerConfig(learning_rate=1e-2, warmup_steps=1, weight_decay=0.0, **options)
+        tx = make_optimizer(config)
         updates, _ = tx.update(grads, tx.init(params), params)
         return {key: np.asarray(value) for key, value in updates.items()}
 
@@ -161,4 +163,4 @@ def test_learning_rate_multipliers_scale_matching_parameters():
     np.testing.assert_allclose(scaled["xattn_layers/0/attn_gate"], 10 * plain["xattn_layers/0/attn_gate"], rtol=1e-6)
     np.testing.assert_array_equal(scaled["xattn_layers/0/to_q/kernel"], plain["xattn_layers/0/to_q/kernel"])
     with pytest.raises(ValueError, match="lr_multipliers"):
-        train.OptimizerConfig(lr_multipliers={"attn_gate": -1.0})
+        OptimizerConfig(lr_multipliers={"attn_gate": -1.0})

@@ -15,27 +15,13 @@ import os
 import sys
 
 import grain
+import jax
 import numpy as np
 
-from flamingo_jax.data import synthetic
+from flamingo_jax.data import builders, records, synthetic
+from flamingo_jax.data.images import ImageConfig
+from flamingo_jax.data.sources import SOURCES, SYNTHETIC
 
-SOURCES = (
-    "synthetic",
-    "webdataset",
-    "mmc4",
-    "obelics",
-    "video",
-    "fashion_mnist_pairs",
-    "fashion_mnist_fewshot",
-    "skimage_photos",
-)
-# Sources that read packaged data and need no ``path``.
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist
-PACKAGED = {
-    "fashion_mnist_pairs": FASHION_MNIST_DIR,
-    "fashion_mnist_fewshot": FASHION_MNIST_DIR,
-    "skimage_photos": None,
-}
 STRATEGIES = ("accumulate", "sample")
 
 
@@ -43,11 +29,11 @@ STRATEGIES = ("accumulate", "sample")
 class DatasetConfig:
     """One dataset of the mixture: its global batch size per step and its weight.
 
-    ``source``: 'synthetic' (generated, see ``synthetic``) or a builder of ``builders.BUILDERS``:
-    'webdataset' (pair tar shards at ``path``), 'mmc4' (interleaved jsonl + images at ``path``),
-    'obelics' (interleaved parquet at ``path``), 'video' (videos + captions at ``path``),
-    'fashion_mnist_pairs' / 'fashion_mnist_fewshot' (Debian's dataset-fashion-mnist; ``path``
-    defaults to its install folder) or 'skimage_photos'. Real sources are prepared once into
+    ``source``: 'synthetic' (generated, see ``synthetic``) or a registered source of
+    ``sources.SOURCES``: 'webdataset' (pair tar shards at ``path``), 'mmc4' (interleaved jsonl +
+    images at ``path``), 'obelics' (interleaved parquet at ``path``), 'video' (videos + captions
+    at ``path``), or a project's (sources reading packaged data default their ``path``). Real
+    sources are prepared once into
     ArrayRecord under ``data_dir`` (default: a folder per source, path and options under
     ``$FLAMINGO_JAX_DATA`` or ``~/.cache/flamingo_jax/tfds``), read from ``split``, and produce
     sequences of ``length`` tokens with up to ``max_images`` images; video sources give
@@ -59,8 +45,8 @@ class DatasetConfig:
 
     ``unique_rows`` > 0: the frozen LM layers below the first cross-attention block run once per
     distinct token row of a batch (up to this many; all rows when there are more). Exact; for
-    templated text (Fashion-MNIST pairs have 10 distinct rows). Best on one host: finding the
-    distinct rows gathers the dataset's global batch of tokens.
+    templated text (pairs whose captions come from a few templates). Best on one host: finding
+    the distinct rows gathers the dataset's global batch of tokens.
     """
 
     name: str
@@ -88,13 +74,13 @@ class DatasetConfig:
             raise ValueError(f"DatasetConfig {self.name!r}: batch_size must be positive, got {self.batch_size}")
         if self.loss_weight < 0:
             raise ValueError(f"DatasetConfig {self.name!r}: loss_weight must be >= 0, got {self.loss_weight}")
-        if self.source not in SOURCES:
-            raise ValueError(f"DatasetConfig {self.name!r}: unknown source {self.source!r}; available: {list(SOURCES)}")
+        if self.source != SYNTHETIC and self.source not in SOURCES:
+            raise ValueError(f"DatasetConfig {self.name!r}: {SOURCES.unknown(self.source)} (or 'synthetic')")
 
     def check_path(self) -> None:
         """Raises FileNotFoundError naming the dataset when its source data is missing. Not done at
         construction, so that configs parse (and plan) on machines without the data."""
-        needs_path = self.source not in ("synthetic", *PACKAGED)
+        needs_path = self.source != SYNTHETIC and SOURCES[self.source].needs_path
         if needs_path and (not self.path or not os.path.exists(self.path)):
             raise FileNotFoundError(
                 f"DatasetConfig {self.name!r}: source {self.source!r} needs an existing path, got {self.path!r}"
@@ -115,8 +101,6 @@ class TokenIds:
 
 def _collate(examples: list[dict]) -> dict:
     """Stacks examples; their skip reasons become ``{reason: count}`` under ``records.SKIPPED``."""
-    from flamingo_jax.data import records
-
     skipped: dict[str, int] = {}
     for example in examples:
         for reason in records.pop_skipped(example):
@@ -129,16 +113,12 @@ def _collate(examples: list[dict]) -> dict:
 def _prepared_source(config: DatasetConfig):
     """The dataset's ArrayRecord data source, built on first use (by process 0 first when
     several JAX processes share the folder)."""
-    from flamingo_jax.data import builders
-
     config.check_path()
     options = dict(config.options)
-    path = config.path or PACKAGED.get(config.source)
+    source = SOURCES[config.source]
+    path = config.path or (source.default_path() if source.default_path else None)
     data_dir = config.data_dir or builders.default_data_dir(config.source, path, options)
-    builder_cls = builders.BUILDERS[config.source]
-    prepare = functools.partial(builders.prepare, builder_cls, source=path, data_dir=data_dir, **options)
-    import jax
-
+    prepare = functools.partial(builders.prepare, source.builder, source=path, data_dir=data_dir, **options)
     first = jax.process_index() == 0
     if first:
         builder = prepare()
@@ -158,13 +138,11 @@ def _prepared_source(config: DatasetConfig):
 
 def _real_examples(config: DatasetConfig, tokenizer, image_config, seed: int):
     """Random-access examples of a real source; bad records are skipped (reasons carried)."""
-    from flamingo_jax.data import builders, records
-
     if tokenizer is None:
         raise ValueError(
             f"DatasetConfig {config.name!r}: source {config.source!r} needs a tokenizer (RunConfig.tokenizer)"
         )
-    kind = builders.KINDS[config.source]
+    kind = SOURCES[config.source].kind
     if kind == "pairs":
         converter = records.PairConverter(tokenizer, image_config, config.length, train=config.augment)
     elif kind == "video":
@@ -201,7 +179,7 @@ def dataset_stream(
             f"DatasetConfig {config.name!r}: batch_size={config.batch_size} is not divisible by the "
             f"{process_count} JAX processes"
         )
-    if config.source == "synthetic":
+    if config.source == SYNTHETIC:
         make = functools.partial(
             synthetic.make_example,
             config=config.synthetic,
@@ -211,8 +189,6 @@ def dataset_stream(
         )
         size = config.num_examples
     else:
-        from flamingo_jax.data.images import ImageConfig
-
         examples = _real_examples(config, tokenizer, image_config or ImageConfig(image_size=image_size), seed)
         make, size = examples.__getitem__, len(examples)
     local = config.batch_size // process_count
@@ -329,8 +305,6 @@ def mixture_dataset(
 
 def split_skipped(item: dict) -> tuple[dict, dict[str, int]]:
     """A mixture item -> ({name: batch fields}, {'skipped/<name>/<reason>': count})."""
-    from flamingo_jax.data import records
-
     batches, skipped = {}, {}
     for name, batch in item.items():
         batch = dict(batch)

@@ -21,6 +21,7 @@ import numpy as np
 
 from flamingo_jax.data import examples
 from flamingo_jax.data.images import BadRecord, ImageConfig, decode_image, preprocess
+from flamingo_jax.data.video import decode_clip, preprocess_clip
 
 SKIPPED = "_skipped"
 
@@ -163,8 +164,6 @@ class VideoConverter:
     train: bool = True
 
     def __call__(self, record: dict, rng: np.random.Generator) -> dict:
-        from flamingo_jax.data.video import decode_clip, preprocess_clip
-
         caption = decode_text(record["caption"])
         frames = decode_clip(record["video"], num_frames=self.num_frames, fps=self.fps, rng=rng if self.train else None)
         clip = preprocess_clip(frames, self.image_config, rng if self.train else None)

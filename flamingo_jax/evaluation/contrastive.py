@@ -17,12 +17,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flamingo_jax.data.images import ImageConfig, preprocess
+from flamingo_jax.data.images import ImageConfig, image_config_for, preprocess
+from flamingo_jax.evaluation.checkpoints import load_model
+from flamingo_jax.evaluation.fewshot import build_tasks
+from flamingo_jax.evaluation.tasks import Task
+from flamingo_jax.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
 RECALL_AT = (1, 5, 10)
-CAPTION_TEMPLATE = "A photo of a {}."
 
 
 def retrieval_metrics(similarity: np.ndarray, relevant: np.ndarray, ks=RECALL_AT) -> dict[str, float]:
@@ -87,23 +90,23 @@ def embed(model, images: np.ndarray | None = None, tokens=None, mask=None, *, ba
     return np.concatenate(out)
 
 
-def fashion_mnist_zero_shot(model, tokenizer, image_config: ImageConfig, *, num_images: int = 1000) -> dict:
-    """Zero-shot retrieval and classification on the first ``num_images`` Fashion-MNIST test
-    images, captioned ``A photo of a {class}.``.
+def zero_shot(model, tokenizer, image_config: ImageConfig, task: Task, *, num_images: int) -> dict:
+    """Zero-shot retrieval and classification on the first ``num_images`` queries of a
+    classification ``task``, each class captioned as the task's demonstrations read (e.g.
+    ``A photo of a {class}.``).
 
-    Image->text ranks the ten distinct class captions (R@1 is the zero-shot accuracy; R@10 is
-    100 by construction); text->image ranks the images for each image's caption, any image of
-    the caption's class counting as relevant.
+    Image->text ranks the distinct class captions (R@1 is the zero-shot accuracy); text->image
+    ranks the images for each image's caption, any image of the caption's class counting as
+    relevant.
     """
-    from flamingo_jax.data.builders import FASHION_MNIST_CLASSES
-    from flamingo_jax.evaluation.tasks import fashion_mnist_classification
-
-    task = fashion_mnist_classification(num_queries=num_images, pool_size=1)
-    labels = np.asarray([example.label for example in task.queries])
-    images = np.stack([preprocess(np.asarray(e.load_image(), np.uint8), image_config, None) for e in task.queries])
+    if task.kind != "classification":
+        raise ValueError(f"zero-shot evaluation needs a classification task; {task.name!r} is {task.kind!r}")
+    queries = task.queries[:num_images]
+    labels = np.asarray([example.label for example in queries])
+    images = np.stack([preprocess(np.asarray(e.load_image(), np.uint8), image_config, None) for e in queries])
     max_length = model.config.text.max_length
     image_embeddings = embed(model, images)
-    prompts = [CAPTION_TEMPLATE.format(name) for name in FASHION_MNIST_CLASSES]
+    prompts = [task.templates.demo.format(answer=name, question="", text="") for name in task.class_names]
     class_embeddings = embed(model, None, *tokenize_captions(tokenizer, prompts, max_length))
     classes = np.arange(len(prompts))
     to_classes = retrieval_metrics(image_embeddings @ class_embeddings.T, labels[:, None] == classes[None, :])
@@ -116,19 +119,19 @@ def fashion_mnist_zero_shot(model, tokenizer, image_config: ImageConfig, *, num_
     return metrics
 
 
-def evaluate_contrastive(run_config, workdir: str, step: int | None = None, *, num_images: int = 1000) -> str:
-    """Evaluates a contrastive run's checkpoint (None: latest; 0: initialisation) on the offline
-    Fashion-MNIST test split; writes and returns ``DIR/eval/contrastive_<step>.json``."""
-    from flamingo_jax import evaluate
-    from flamingo_jax.data.images import image_config_for
-    from flamingo_jax.tokenizer import load_tokenizer
-
+def evaluate_contrastive(run_config, eval_config, workdir: str, step: int | None = None) -> str:
+    """Evaluates a contrastive run's checkpoint (None: latest; 0: initialisation) zero-shot on the
+    classification tasks of ``eval_config`` (``num_queries`` images each); writes and returns
+    ``DIR/eval/contrastive_<step>.json`` ({task: metrics})."""
     tokenizer = load_tokenizer(run_config.tokenizer)
-    model, step, _, _ = evaluate.load_model(run_config, workdir, step)
-    metrics = fashion_mnist_zero_shot(
-        model, tokenizer, image_config_for(run_config.model.vision), num_images=num_images
-    )
-    record = {"task": "fashion_mnist_zero_shot", "kind": "contrastive", "step": step, "metrics": metrics}
+    model, step, _, _ = load_model(run_config, workdir, step)
+    image_config = image_config_for(run_config.model.vision)
+    built = build_tasks(eval_config)
+    metrics = {
+        name: zero_shot(model, tokenizer, image_config, task, num_images=eval_config.queries_for(name))
+        for name, task in built.items()
+    }
+    record = {"tasks": list(built), "kind": "contrastive", "step": step, "metrics": metrics}
     out_dir = os.path.join(workdir, "eval")
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"contrastive_{step}.json")
@@ -136,5 +139,6 @@ def evaluate_contrastive(run_config, workdir: str, step: int | None = None, *, n
         with open(path + ".tmp", "w") as f:
             json.dump(record, f, indent=1)
         os.replace(path + ".tmp", path)
-    log.info("contrastive step %d: %s", step, ", ".join(f"{k} {v:.1f}" for k, v in metrics.items()))
+    for name, values in metrics.items():
+        log.info("contrastive step %d, %s: %s", step, name, ", ".join(f"{k} {v:.1f}" for k, v in values.items()))
     return path

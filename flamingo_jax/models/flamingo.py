@@ -5,25 +5,21 @@ XATTN-DENSE blocks inserted, plus trainable embedding rows for ``<image>`` and `
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from flamingo_jax.batch import Batch
-from flamingo_jax.models.efficientnet import EfficientNet, EfficientNetConfig
+from flamingo_jax.batch import NEW_TOKENS, Batch
+from flamingo_jax.models.layers import CountingRngs
 from flamingo_jax.models.llama import KVCache, LlamaConfig, LlamaLM
-from flamingo_jax.models.nfnet import NFNet, NFNetConfig
 from flamingo_jax.models.resampler import PerceiverResampler, ResamplerConfig
-from flamingo_jax.models.vit import ViT, ViTConfig
+from flamingo_jax.models.vision import VisionConfig, build_vision_encoder
+from flamingo_jax.models.vit import ViTConfig
 from flamingo_jax.models.xattn import GatedCrossAttentionBlock, XAttnConfig, media_attention_mask
-
-VisionConfig = ViTConfig | NFNetConfig | EfficientNetConfig
 
 # Top-level module names that hold trainable parameters; everything else is frozen.
 TRAINABLE_GROUPS = ("resampler", "xattn_layers", "new_tokens")
-NEW_TOKENS = ("<image>", "<|endofchunk|>")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,17 +66,6 @@ class FlamingoConfig:
     @property
     def xattn_layer_indices(self) -> tuple[int, ...]:
         return self.xattn.layer_indices(self.lm.num_layers)
-
-
-def build_vision_encoder(config: VisionConfig, *, rngs: nnx.Rngs) -> nnx.Module:
-    """Any module mapping float[B, H, W, C] to float[B, tokens, config.output_dim] fits here."""
-    if isinstance(config, ViTConfig):
-        return ViT(config, rngs=rngs)
-    if isinstance(config, NFNetConfig):
-        return NFNet(config, rngs=rngs)
-    if isinstance(config, EfficientNetConfig):
-        return EfficientNet(config, rngs=rngs)
-    raise TypeError(f"unsupported vision config type {type(config).__name__}")
 
 
 class NewTokens(nnx.Module):
@@ -162,7 +147,6 @@ class Flamingo(nnx.Module):
         input_mask: jax.Array | None = None,
         positions: jax.Array | None = None,
         cache: KVCache | None = None,
-        unique_rows: int = 0,
         last_only: bool = False,
     ) -> tuple[jax.Array, KVCache | None]:
         """Next-token logits conditioned on media.
@@ -173,15 +157,41 @@ class Flamingo(nnx.Module):
           image_mask: bool[B, N], real media slots; padded slots have no effect on any logit.
           images: float[B, N, F, H, W, C], or None when ``media_kv`` (from :meth:`media_kv`) is given.
           input_mask, positions, cache: as in :meth:`LlamaLM.backbone`.
-          unique_rows: > 0 runs the LM layers below the first cross-attention block once per
-            distinct token row (at most this many; every row when a batch has more), since they
-            see no image: exact, and much cheaper for templated text such as captioned pairs.
           last_only: the logits of the last position only (``T`` = 1 in the result): what a
             prompt's prefill needs, without the vocabulary projection of every prompt token.
 
         Returns:
           (float32[B, T, lm.vocab_size + 2] logits, updated KV cache or None).
         """
+        return self._layers_from(
+            0,
+            self.embed_tokens(tokens),
+            image_index,
+            image_mask,
+            images,
+            media_kv=media_kv,
+            input_mask=input_mask,
+            positions=positions,
+            cache=cache,
+            last_only=last_only,
+        )
+
+    def _layers_from(
+        self,
+        start: int,
+        hidden: jax.Array,
+        image_index: jax.Array,
+        image_mask: jax.Array,
+        images: jax.Array | None,
+        *,
+        media_kv=None,
+        input_mask=None,
+        positions=None,
+        cache=None,
+        last_only: bool = False,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """The LM layers from ``start`` (with their xattn blocks) on the hidden states
+        float[B, T, W] entering it, then the logits (as :meth:`__call__`)."""
         if media_kv is None:
             if images is None:
                 raise ValueError("Flamingo needs either images or precomputed media_kv")
@@ -197,22 +207,13 @@ class Flamingo(nnx.Module):
             position = blocks[index]
             return self.xattn_layers[position](hidden, media_kv[position], mask)
 
-        hidden, layer_range = self.embed_tokens(tokens), None
-        if unique_rows:
-            if cache is not None or input_mask is not None or positions is not None:
-                raise ValueError("Flamingo: unique_rows is for training passes (no cache, mask or positions)")
-            if not blocks:
-                raise ValueError("Flamingo: unique_rows needs at least one cross-attention block")
-            first = min(blocks)
-            hidden = self._below_first_block(tokens, first, unique_rows)
-            layer_range = (first, self.config.lm.num_layers)
         hidden, cache = self.lm.backbone(
             hidden,
             input_mask=input_mask,
             positions=positions,
             cache=cache,
             before_layer=before_layer,
-            layer_range=layer_range,
+            layer_range=(start, self.config.lm.num_layers) if start else None,
         )
         if last_only:
             hidden = hidden[:, -1:]
@@ -234,8 +235,20 @@ class Flamingo(nnx.Module):
         )
 
     def train_loss(self, batch: Batch, *, unique_rows: int = 0) -> tuple[jax.Array, jax.Array]:
-        """(next-token loss over the targets ``loss_mask`` selects, number of targets)."""
-        logits, _ = self(batch.tokens, batch.image_index, batch.image_mask, batch.images, unique_rows=unique_rows)
+        """(next-token loss over the targets ``loss_mask`` selects, number of targets).
+
+        ``unique_rows`` > 0 runs the LM layers below the first cross-attention block once per
+        distinct token row of the batch (at most this many; every row when the batch has more):
+        they see no image, so this is exact, and much cheaper for templated text such as
+        captioned pairs (``DatasetConfig.unique_rows``).
+        """
+        start, hidden = 0, None
+        if unique_rows:
+            start = min(self.config.xattn_layer_indices, default=self.config.lm.num_layers)
+            hidden = self._below_first_block(batch.tokens, start, unique_rows)
+        else:
+            hidden = self.embed_tokens(batch.tokens)
+        logits, _ = self._layers_from(start, hidden, batch.image_index, batch.image_mask, batch.images)
         return token_loss(logits, batch)
 
 
@@ -253,54 +266,8 @@ def token_loss(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
     return (nll * weights).sum() / jnp.maximum(count, 1.0), count
 
 
-def trainable_filter(config: FlamingoConfig):
-    """An nnx filter selecting the trainable parameters (the optimizer holds state for these only)."""
-    return nnx.All(nnx.Param, nnx.Any(*(nnx.PathContains(group) for group in config.trainable)))
-
-
 def create_flamingo(config: FlamingoConfig, seed: int = 0) -> Flamingo:
     """Builds a model with logical-axis metadata recorded but not applied (sharding is applied by
     ``flamingo_jax.sharding`` under a mesh)."""
     with nnx.use_eager_sharding(False):
         return Flamingo(config, rngs=CountingRngs(seed))
-
-
-class CountingRngs:
-    """A stand-in for ``nnx.Rngs`` whose draws are ``fold_in(key(seed), n)`` for n = 0, 1, ...
-
-    The draw counter is a Python int, not nnx state: with ``nnx.Rngs`` every traced counter
-    update makes flax probe ``tracer.sharding``, whose error message walks the whole jaxpr, so
-    tracing an init is quadratic in the number of parameters (~1 min for 80B, ~10 s even for the
-    tiny test model). Deterministic: the same seed gives the same parameters on any mesh.
-    """
-
-    def __init__(self, seed: int):
-        self._key = jax.random.key(seed)
-        self._draws = 0
-
-    def __call__(self):
-        self._draws += 1
-        return jax.random.fold_in(self._key, self._draws)
-
-    def __getattr__(self, stream: str):
-        if stream.startswith("_"):
-            raise AttributeError(stream)
-        return self.__call__
-
-
-def model_class(config) -> type[nnx.Module]:
-    """The module a model config builds: Flamingo, or the stage-1 contrastive two-tower model."""
-    from flamingo_jax.models.contrastive import ContrastiveConfig, ContrastiveModel
-
-    return ContrastiveModel if isinstance(config, ContrastiveConfig) else Flamingo
-
-
-def abstract_model(config) -> nnx.Module:
-    """The model with ShapeDtypeStruct leaves: shapes and counts without allocating anything."""
-    with nnx.use_eager_sharding(False):
-        return nnx.eval_shape(lambda: model_class(config)(config, rngs=CountingRngs(0)))
-
-
-def count_params(model: nnx.Module, flt=nnx.Param) -> int:
-    """Number of parameters (works on abstract models)."""
-    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(nnx.state(model, flt)))

@@ -103,8 +103,8 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, groups: int = 1) ->
     all-gathers the whole batch for them and computes them replicated (found with
     ``flamingo_jax.tools.plan``: 2.8x the FLOPs per device for NFNet under data parallelism).
     On the CPU backend depthwise convolutions (one input channel per group) are written as k*k
-    shifted multiply-adds: XLA's CPU convolution is 10-40x slower for them (EfficientNet-Lite0 at
-    64 px went from 6.8 to 1.1 ms per image, ``bench/depthwise.py``).
+    shifted multiply-adds: XLA's CPU convolution is 10-40x slower for them (an EfficientNet-Lite
+    image at 64 px went from 6.8 to 1.1 ms, ``bench/depthwise.py``).
     """
     if groups > 1 and groups == x.shape[-1] == kernel.shape[-1] and jax.default_backend() == "cpu":
         return depthwise_conv2d(x, kernel, stride)
@@ -203,3 +203,26 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, ma
         weights = jnp.where(mask, weights, 0.0)
     out = jnp.einsum("bkgts,bskd->btkgd", weights.astype(value.dtype), value)
     return out.reshape(batch, length, num_heads, head_dim)
+
+
+class CountingRngs:
+    """A stand-in for ``nnx.Rngs`` whose draws are ``fold_in(key(seed), n)`` for n = 0, 1, ...
+
+    The draw counter is a Python int, not nnx state: with ``nnx.Rngs`` every traced counter
+    update makes flax probe ``tracer.sharding``, whose error message walks the whole jaxpr, so
+    tracing an init is quadratic in the number of parameters (~1 min for 80B, ~10 s even for the
+    tiny test model). Deterministic: the same seed gives the same parameters on any mesh.
+    """
+
+    def __init__(self, seed: int):
+        self._key = jax.random.key(seed)
+        self._draws = 0
+
+    def __call__(self):
+        self._draws += 1
+        return jax.random.fold_in(self._key, self._draws)
+
+    def __getattr__(self, stream: str):
+        if stream.startswith("_"):
+            raise AttributeError(stream)
+        return self.__call__

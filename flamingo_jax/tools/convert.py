@@ -1,11 +1,11 @@
 """Converts pretrained weights into a parameter checkpoint that ``RunConfig.init_from`` loads.
 
-  python -m flamingo_jax.tools.convert --gin_file=models/smollm2_135m.gin \\
-      --lm=path/to/SmolLM2-135M-Instruct.Q4_1.gguf --output=/tmp/smollm2_init
+  python -m flamingo_jax.tools.convert --gin_file=models/X.gin --lm=path/to/model.gguf --output=/tmp/init
 
-Sources (any subset): ``--lm`` a Hugging Face Llama directory or a ``.gguf`` file;
-``--vision_hf`` a ``CLIPVisionModel`` directory (safetensors); ``--vision_open_clip`` an
-open_clip state dict (``.safetensors``, or ``.pt`` read with ``weights_only=True``);
+Sources (any subset; each a path or a registered weights name): ``--lm`` a Hugging Face Llama
+directory or a ``.gguf`` file; ``--vision_hf`` a ``CLIPVisionModel`` directory (safetensors);
+``--vision_open_clip`` an open_clip state dict (``.safetensors``, or ``.pt`` read with
+``weights_only=True``); ``--vision_efficientnet`` an ``efficientnet_pytorch``-layout ``.pth``;
 ``--openflamingo`` an OpenFlamingo ``checkpoint.pt``. Every converted array is checked against
 the model config's parameter shapes before anything is written.
 """
@@ -18,6 +18,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 
 from flamingo_jax import configs
+from flamingo_jax.checkpointing import save_params
 from flamingo_jax.importers.pretrained import pretrained_params
 
 _GIN_FILE = flags.DEFINE_multi_string("gin_file", [], "Model gin file(s) the weights are for.")
@@ -25,6 +26,7 @@ _GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "Extra bindings; a
 _LM = flags.DEFINE_string("lm", None, "Hugging Face Llama directory or .gguf file.")
 _VISION_HF = flags.DEFINE_string("vision_hf", None, "Hugging Face CLIPVisionModel directory.")
 _VISION_OPEN_CLIP = flags.DEFINE_string("vision_open_clip", None, "open_clip state dict file.")
+_VISION_EFFICIENTNET = flags.DEFINE_string("vision_efficientnet", None, "efficientnet_pytorch-layout .pth file.")
 _OPENFLAMINGO = flags.DEFINE_string("openflamingo", None, "OpenFlamingo checkpoint.pt.")
 _MEDIA_INDEX = flags.DEFINE_integer("openflamingo_media_token", None, "<image> id in the OpenFlamingo tokenizer.")
 _EOC_INDEX = flags.DEFINE_integer("openflamingo_endofchunk_token", None, "<|endofchunk|> id there.")
@@ -52,13 +54,12 @@ def main(argv) -> None:
             lm=_LM.value,
             vision_hf=_VISION_HF.value,
             vision_open_clip=_VISION_OPEN_CLIP.value,
+            vision_efficientnet=_VISION_EFFICIENTNET.value,
             openflamingo=_OPENFLAMINGO.value,
             **tokens,
         )
     except (ValueError, FileNotFoundError, KeyError) as error:
         sys.exit(f"flamingo_jax.tools.convert: {error}")
-    from flamingo_jax.checkpointing import save_params
-
     save_params(_OUTPUT.value, params)
     print(f"wrote {len(params)} arrays ({sum(v.size for v in params.values()):,} parameters) to {_OUTPUT.value}")
 

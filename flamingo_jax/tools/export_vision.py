@@ -1,7 +1,7 @@
 """Exports the vision tower of a trained stage-1 contrastive run as a parameter checkpoint that a
 Flamingo config loads as its frozen vision encoder through ``RunConfig.init_from``.
 
-  python -m flamingo_jax.tools.export_vision --gin_file=runs/contrastive_fashion.gin \\
+  python -m flamingo_jax.tools.export_vision --gin_file=runs/contrastive_X.gin \\
       --workdir=/tmp/contrastive --output=/tmp/contrastive_vision [--step=N]
 
 The tower keeps its parameter paths (``vision/...``, the same as in a Flamingo model), so the
@@ -14,8 +14,12 @@ from __future__ import annotations
 import sys
 
 from absl import app, flags
+from flax import nnx
 
-from flamingo_jax import configs
+from flamingo_jax import checkpointing, configs
+from flamingo_jax.evaluation.checkpoints import load_model
+from flamingo_jax.models.kinds import kind_of
+from flamingo_jax.train.params import path_key
 
 
 def define_flags() -> None:
@@ -30,15 +34,10 @@ def define_flags() -> None:
 def export_vision(run_config, workdir: str, output: str, step: int | None = None) -> tuple[int, int]:
     """Writes the ``vision/...`` parameters of ``step`` (None: latest) to ``output``; returns
     (step, number of arrays)."""
-    from flax import nnx
-
-    from flamingo_jax import checkpointing, evaluate, train
-    from flamingo_jax.models.contrastive import ContrastiveConfig
-
-    if not isinstance(run_config.model, ContrastiveConfig):
+    if kind_of(run_config.model).name != "contrastive":
         raise ValueError("export_vision needs a contrastive run (RunConfig.model = @ContrastiveConfig())")
-    model, step, _, _ = evaluate.load_model(run_config, workdir, step)
-    flat = {train.path_key(path): value for path, value in nnx.to_flat_state(nnx.state(model.vision, nnx.Param))}
+    model, step, _, _ = load_model(run_config, workdir, step)
+    flat = {path_key(path): value for path, value in nnx.to_flat_state(nnx.state(model.vision, nnx.Param))}
     params = {f"vision/{key}": value[...] for key, value in flat.items()}
     checkpointing.save_params(output, params)
     return step, len(params)

@@ -31,8 +31,13 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from flamingo_jax import configs, flops, sharding
+from flamingo_jax import configs, sharding
 from flamingo_jax.batch import Batch
+from flamingo_jax.data.sources import SOURCES
+from flamingo_jax.models.kinds import kind_of
+from flamingo_jax.train.optimizer import make_optimizer
+from flamingo_jax.train.params import flat_shardings, logical_names, model_graphdef
+from flamingo_jax.train.step import TrainState, jit_train_step, train_state_shardings
 
 
 def define_flags() -> None:
@@ -89,13 +94,11 @@ def parse_topology(topology: str) -> tuple[Chip, int]:
 
 def batch_shapes(dataset, model_config) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Field -> (shape, dtype) of one dataset's global batch, as the data pipeline produces it."""
-    from flamingo_jax.data import builders
-
     if dataset.source == "synthetic":
         num_media, num_frames = dataset.synthetic.num_media, 1
         size, length = dataset.synthetic.image_size, dataset.synthetic.length
     else:
-        kind = builders.KINDS[dataset.source]
+        kind = SOURCES[dataset.source].kind
         num_media = dataset.max_images if kind == "documents" else 1
         num_frames = dataset.num_frames if kind == "video" else 1
         size, length = model_config.vision.image_size, dataset.length
@@ -194,39 +197,35 @@ class AbstractInputs:
 
 
 def abstract_inputs(run_config, mesh) -> AbstractInputs:
-    from flamingo_jax import train
-
     rules = sharding.RULE_SETS[run_config.mesh.rules]
-    trainable_names, frozen_names = train.logical_names(run_config.model)
+    trainable_names, frozen_names = logical_names(run_config.model)
 
     def abstract(named):
-        shardings = train.flat_shardings(named, mesh, rules)
+        shardings = flat_shardings(named, mesh, rules)
         return {
             key: jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=shardings[key])
             for key, (_, value) in named.items()
         }
 
     trainable, frozen = abstract(trainable_names), abstract(frozen_names)
-    tx = train.make_optimizer(run_config.optimizer)
-    state_shardings = train.train_state_shardings(tx, trainable, mesh)
+    tx = make_optimizer(run_config.optimizer)
+    state_shardings = train_state_shardings(tx, trainable, mesh)
     opt_state = jax.tree.map(
         lambda value, target: jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=target),
         jax.eval_shape(tx.init, trainable),
         state_shardings.opt_state,
     )
-    state = train.TrainState(jax.ShapeDtypeStruct((), np.int32, sharding=state_shardings.step), trainable, opt_state)
+    state = TrainState(jax.ShapeDtypeStruct((), np.int32, sharding=state_shardings.step), trainable, opt_state)
     return AbstractInputs(tx, state, state_shardings, frozen, abstract_batches(run_config, mesh, rules))
 
 
 def compile_step(run_config, mesh) -> Compiled:
     """AOT-compiles ``run_config``'s train step on ``mesh`` and reads XLA's analyses."""
-    from flamingo_jax import train
-
     model_config = run_config.model
     inputs = abstract_inputs(run_config, mesh)
-    graphdef = train.model_graphdef(model_config)
+    graphdef = model_graphdef(model_config)
     frozen_shardings = {key: value.sharding for key, value in inputs.frozen.items()}
-    step_fn = train.jit_train_step(run_config, graphdef, inputs.tx, inputs.state_shardings, frozen_shardings)
+    step_fn = jit_train_step(run_config, graphdef, inputs.tx, inputs.state_shardings, frozen_shardings)
     started = time.perf_counter()
     with sharding.activation_sharding(mesh, sharding.RULE_SETS[run_config.mesh.rules]):
         compiled = step_fn.lower(inputs.state, inputs.frozen, inputs.batches).compile()
@@ -294,7 +293,9 @@ def analytic_step_flops(run_config) -> float:
     for dataset in run_config.datasets:
         shapes = batch_shapes(dataset, run_config.model)
         batch, num_media, num_frames = shapes["images"][0][:3]
-        total += flops.step_flops(run_config.model, batch, shapes["tokens"][0][1], num_media, num_frames)
+        total += kind_of(run_config.model).step_flops(
+            run_config.model, batch, shapes["tokens"][0][1], num_media, num_frames
+        )
     return total
 
 

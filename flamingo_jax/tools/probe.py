@@ -2,12 +2,13 @@
 the frozen vision encoder and the cross-attention blocks, at the initialisation and at trained
 checkpoints.
 
-  python -m flamingo_jax.tools.probe --gin_file=runs/demo_cpu.gin --workdir=/tmp/flamingo_demo \\
+  python -m flamingo_jax.tools.probe --gin_file=RUN.gin --workdir=DIR --task=NAME \\
       [--steps=0,450] [--train_images=2000] [--test_images=500]
 
-For each step (0: the initialisation; default: 0 and the latest checkpoint) it runs Fashion-MNIST
-training images (the first ``--train_images``) and test images (``--test_images`` drawn as the
-few-shot evaluation draws its queries) through the vision encoder and the Perceiver Resampler,
+For each step (0: the initialisation; default: 0 and the latest checkpoint) it runs the images of
+a registered classification task (the first ``--train_images`` of its demonstration pool to fit
+on, the first ``--test_images`` of its queries to score) through the vision encoder and the
+Perceiver Resampler,
 mean-pools every stage over its tokens, fits a softmax regression on the training images'
 standardised features and prints its test accuracy per stage:
 
@@ -16,8 +17,7 @@ standardised features and prints its test accuracy per stage:
   resampler/layerK  the latents after resampler layer K
   resampler/output  the visual tokens the cross-attention blocks read
 
-A stage whose accuracy falls during training has learned to discard what the encoder sees (the
-demo's resampler did so at its full learning rate: 76.2% at initialisation, 59.8% after 150 steps).
+A stage whose accuracy falls during training has learned to discard what the encoder sees.
 Writes ``DIR/eval/probe.json``.
 """
 
@@ -34,6 +34,9 @@ import optax
 from absl import app, flags
 
 from flamingo_jax import configs
+from flamingo_jax.data.images import image_config_for
+from flamingo_jax.evaluation.checkpoints import load_models
+from flamingo_jax.evaluation.fewshot import EvalConfig, make_task, prepare_image
 
 
 def define_flags() -> None:
@@ -42,8 +45,9 @@ def define_flags() -> None:
     flags.DEFINE_multi_string("gin_bindings", [], "Extra bindings; also spelled --gin.KEY=VALUE.")
     flags.DEFINE_string("workdir", None, "The run's directory.")
     flags.DEFINE_list("steps", None, "Checkpoint steps (0: initialisation; default: 0 and the latest).")
-    flags.DEFINE_integer("train_images", 2000, "Fashion-MNIST training images the probes are fitted on.")
-    flags.DEFINE_integer("test_images", 500, "Fashion-MNIST test images the probes are scored on.")
+    flags.DEFINE_string("task", None, "A registered classification task whose images are probed.")
+    flags.DEFINE_integer("train_images", 2000, "Images of the task's pool the probes are fitted on.")
+    flags.DEFINE_integer("test_images", 500, "Queries of the task the probes are scored on.")
 
 
 def stage_names(resampler_depth: int) -> list[str]:
@@ -116,21 +120,21 @@ def linear_probe_accuracy(
     return float(np.mean(predictions == np.asarray(test_y)))
 
 
-def fashion_mnist_probe_data(image_config, *, train_images: int, test_images: int):
-    """(train images, train labels, test images, test labels, number of classes): the first
-    ``train_images`` Fashion-MNIST training images and ``test_images`` test images drawn as the
-    few-shot evaluation draws its queries, preprocessed for evaluation."""
-    from flamingo_jax.evaluation import tasks
-    from flamingo_jax.evaluation.fewshot import prepare_image
-
-    task = tasks.fashion_mnist_classification(num_queries=test_images, pool_size=train_images)
+def probe_data(task_name: str, image_config, *, train_images: int, test_images: int):
+    """(train images, train labels, test images, test labels, number of classes) of a registered
+    classification task: the first ``train_images`` of its pool and ``test_images`` of its
+    queries, preprocessed for evaluation."""
+    task = make_task(task_name, EvalConfig(num_queries=test_images, pool_size=train_images))
+    if task.kind != "classification":
+        raise ValueError(f"probe: task {task_name!r} is a {task.kind} task; probes need class labels")
+    pool, queries = task.pool[:train_images], task.queries[:test_images]
     prepare = lambda examples: np.stack([prepare_image(e, image_config) for e in examples])
     labels = lambda examples: np.asarray([e.label for e in examples])
-    return prepare(task.pool), labels(task.pool), prepare(task.queries), labels(task.queries), len(task.class_names)
+    return prepare(pool), labels(pool), prepare(queries), labels(queries), len(task.class_names)
 
 
 def probe_model(model, data) -> dict[str, float]:
-    """{stage: test accuracy} of ``model`` on ``data`` from :func:`fashion_mnist_probe_data`."""
+    """{stage: test accuracy} of ``model`` on ``data`` from :func:`probe_data`."""
     train_images, train_y, test_images, test_y, num_classes = data
     features = pathway_features(model, np.concatenate([train_images, test_images]))  # one compilation
     split = len(train_images)
@@ -140,15 +144,14 @@ def probe_model(model, data) -> dict[str, float]:
     }
 
 
-def probe_run(run_config, workdir: str, steps, *, train_images: int, test_images: int) -> dict[int, dict[str, float]]:
+def probe_run(
+    run_config, workdir: str, steps, *, task: str, train_images: int, test_images: int
+) -> dict[int, dict[str, float]]:
     """{step: {stage: test accuracy}} for each of ``steps`` (0: initialisation; None: latest)."""
-    from flamingo_jax import evaluate
-    from flamingo_jax.data.images import image_config_for
-
-    data = fashion_mnist_probe_data(
-        image_config_for(run_config.model.vision), train_images=train_images, test_images=test_images
+    data = probe_data(
+        task, image_config_for(run_config.model.vision), train_images=train_images, test_images=test_images
     )
-    return {step: probe_model(model, data) for model, step, _, _ in evaluate.load_models(run_config, workdir, steps)}
+    return {step: probe_model(model, data) for model, step, _, _ in load_models(run_config, workdir, steps)}
 
 
 def format_results(results: dict[int, dict[str, float]]) -> str:
@@ -164,8 +167,8 @@ def main(argv) -> None:
     args = flags.FLAGS
     if len(argv) > 1:
         sys.exit(f"probe: unexpected arguments {argv[1:]}")
-    if not (args.gin_file and args.workdir):
-        sys.exit("probe: --gin_file and --workdir are required")
+    if not (args.gin_file and args.workdir and args.task):
+        sys.exit("probe: --gin_file, --workdir and --task are required")
     try:
         steps = [int(s) for s in args.steps] if args.steps else [0, None]
     except ValueError:
@@ -176,6 +179,7 @@ def main(argv) -> None:
             configs.run_config(),
             args.workdir,
             steps,
+            task=args.task,
             train_images=args.train_images,
             test_images=args.test_images,
         )

@@ -11,7 +11,7 @@ import sys
 from absl import app, flags
 
 from flamingo_jax import configs
-from flamingo_jax.models.flamingo import abstract_model, count_params
+from flamingo_jax.models.kinds import abstract_model, count_params
 
 _GIN_FILE = flags.DEFINE_multi_string("gin_file", [], "Model gin file(s), searched in experiments/ too.")
 _GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "Extra bindings; also spelled --gin.KEY=VALUE")

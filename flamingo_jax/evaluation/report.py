@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 
 import numpy as np
 
-from flamingo_jax import metrics
+from flamingo_jax.train.writer import read_metrics
+
+log = logging.getLogger(__name__)
 
 
 def _records(workdir: str) -> list[dict]:
@@ -23,8 +26,11 @@ def _records(workdir: str) -> list[dict]:
     return records
 
 
-def write_report(workdir: str, *, wall_time_s: float | None = None, images_per_task: int = 8) -> str:
-    """Writes the report files; returns the markdown text."""
+def write_report(
+    workdir: str, *, wall_time_s: float | None = None, tasks: dict | None = None, images_per_task: int = 8
+) -> str:
+    """Writes the report files; returns the markdown text. ``tasks``: {name: Task} whose images
+    the picture grid shows (with what the model answered); none: no picture."""
     records = _records(workdir)
     if not records:
         raise FileNotFoundError(f"no evaluation results in {workdir}/eval")
@@ -62,8 +68,8 @@ def write_report(workdir: str, *, wall_time_s: float | None = None, images_per_t
             + f" points at {queries} queries."
         )
     text = "\n".join(lines) + "\n"
-    _write_grid(workdir, records, images_per_task)
-    text += "\n![predictions](report.png)\n"
+    if tasks and _write_grid(workdir, records, tasks, images_per_task):
+        text += "\n![predictions](report.png)\n"
     with open(os.path.join(workdir, "eval", "report.md"), "w") as f:
         f.write(text)
     return text
@@ -81,7 +87,7 @@ def _training_speed(workdir: str) -> str | None:
     logged steps."""
     if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
         return None
-    rows = [r for r in metrics.read_metrics(workdir) if "step_time_s" in r]
+    rows = [r for r in read_metrics(workdir) if "step_time_s" in r]
     if not rows:
         return None
     step_time = float(np.median([r["step_time_s"] for r in rows]))
@@ -89,22 +95,23 @@ def _training_speed(workdir: str) -> str | None:
     return f"Training: {steps} steps, median {step_time:.2f} s/step"
 
 
-def _write_grid(workdir: str, records: list[dict], per_task: int) -> None:
-    import matplotlib
-
+def _write_grid(workdir: str, records: list[dict], tasks: dict, per_task: int) -> bool:
+    """Writes ``report.png``; False (and a warning) without matplotlib or anything to show."""
+    try:
+        import matplotlib
+    except ImportError:
+        log.warning("no report.png: matplotlib is not installed (pip install -e '.[notebook]')")
+        return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from flamingo_jax.evaluation.tasks import OFFLINE_TASKS
-
     latest = {}
     for record in records:
-        if record["task"] in OFFLINE_TASKS and record["step"] >= latest.get(record["task"], {"step": -1})["step"]:
+        if record["task"] in tasks and record["step"] >= latest.get(record["task"], {"step": -1})["step"]:
             latest[record["task"]] = record
     panels = []
     for name, record in sorted(latest.items()):
-        task = OFFLINE_TASKS[name](**({"num_queries": per_task} if name != "skimage_captions" else {}))
-        by_id = {example.id: example for example in task.queries}
+        by_id = {example.id: example for example in tasks[name].queries}
         shots = max(record["predictions"], key=int)
         rows = next(iter(record["predictions"][shots].values()))
         for row in [r for r in rows if r["id"] in by_id][:per_task]:
@@ -114,7 +121,7 @@ def _write_grid(workdir: str, records: list[dict], per_task: int) -> None:
                 (example.load_image(), f"{name} ({shots}-shot)\n{row['prediction'][:36]!r}\ntruth: {truth[:36]}")
             )
     if not panels:
-        return
+        return False
     columns = 4
     lines = -(-len(panels) // columns)
     fig, axes = plt.subplots(lines, columns, figsize=(3.2 * columns, 3.6 * lines), squeeze=False)
@@ -126,3 +133,4 @@ def _write_grid(workdir: str, records: list[dict], per_task: int) -> None:
     fig.tight_layout()
     fig.savefig(os.path.join(workdir, "eval", "report.png"), dpi=70)
     plt.close(fig)
+    return True

@@ -1,0 +1,101 @@
+"""The train step: one batch from every dataset of the mixture, their loss-weighted gradients
+accumulated (Flamingo Section 3), then the optimizer update; and the shardings of its state."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from flamingo_jax import sharding
+from flamingo_jax.batch import Batch
+from flamingo_jax.train.optimizer import learning_rate_schedule, opt_state_shardings
+from flamingo_jax.train.params import FlatParams, merge_model
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    step: jax.Array
+    params: FlatParams
+    opt_state: optax.OptState
+
+
+def gate_values(params: FlatParams) -> dict[str, jax.Array]:
+    """tanh(alpha) of each xattn gate, keyed 'gate/<block>/attn' and 'gate/<block>/ffw'."""
+    gates = {}
+    for key, value in params.items():
+        parts = key.split("/")
+        if parts[0] == "xattn_layers" and parts[-1] in ("attn_gate", "ffw_gate"):
+            gates[f"gate/{parts[1]}/{parts[-1][:-5]}"] = jnp.tanh(value)
+    return gates
+
+
+def make_train_step(
+    graphdef, tx: optax.GradientTransformation, loss_weights: dict[str, float], schedule, unique_rows=None
+):
+    """``step(state, frozen, batches) -> (state, metrics)`` for a {dataset name: Batch} mixture;
+    datasets absent from ``batches`` (the 'sample' strategy) contribute nothing that step.
+    ``unique_rows``: {dataset name: DatasetConfig.unique_rows} for those that set it."""
+    unique_rows = unique_rows or {}
+
+    def dataset_loss(params, frozen, batch: Batch, name: str):
+        return merge_model(graphdef, params, frozen).train_loss(batch, unique_rows=unique_rows.get(name, 0))
+
+    def step(state: TrainState, frozen: FlatParams, batches: dict[str, Batch]):
+        grads = jax.tree.map(jnp.zeros_like, state.params)
+        metrics = {}
+        total = jnp.zeros((), jnp.float32)
+        for name, weight in loss_weights.items():
+            if name not in batches:
+                continue
+            batch = batches[name]
+            if metrics:
+                # One dataset's forward/backward after the other's: without this barrier XLA may
+                # run all the datasets' forward passes first and hold all their activations.
+                grads, batch = jax.lax.optimization_barrier((grads, batch))
+            (loss, count), dataset_grads = jax.value_and_grad(functools.partial(dataset_loss, name=name), has_aux=True)(
+                state.params, frozen, batch
+            )
+            grads = jax.tree.map(lambda acc, g, w=weight: acc + w * g.astype(acc.dtype), grads, dataset_grads)
+            total = total + weight * loss
+            metrics[f"loss/{name}"] = loss
+            metrics[f"targets/{name}"] = count
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics.update(loss=total, grad_norm=optax.global_norm(grads), learning_rate=schedule(state.step))
+        metrics.update(gate_values(params))
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    return step
+
+
+def train_state_shardings(tx, trainable: FlatParams, mesh) -> TrainState:
+    """Shardings of the whole train state from the (possibly abstract) trainable parameters'."""
+    param_shardings = {key: value.sharding for key, value in trainable.items()}
+    opt_state = opt_state_shardings(tx, trainable, param_shardings, mesh)
+    return TrainState(sharding.replicated(mesh), param_shardings, opt_state)
+
+
+def jit_train_step(config, graphdef, tx, state_shardings: TrainState, frozen_shardings: dict):
+    """The jitted ``step(state, frozen, batches)`` of a run (``config``: its ``RunConfig``; donates
+    the old state); the batches' shardings come from the arrays passed in."""
+    loss_weights = {
+        dataset.name: dataset.loss_weight if config.mixture_strategy == "accumulate" else 1.0
+        for dataset in config.datasets
+    }
+    return jax.jit(
+        make_train_step(
+            graphdef,
+            tx,
+            loss_weights,
+            learning_rate_schedule(config.optimizer),
+            {dataset.name: dataset.unique_rows for dataset in config.datasets if dataset.unique_rows},
+        ),
+        in_shardings=(state_shardings, frozen_shardings, None),
+        out_shardings=(state_shardings, state_shardings.step),
+        donate_argnums=(0,),
+    )
