@@ -33,7 +33,7 @@ PAIRS_BATCH, DOCS_BATCH = 16, 4
 
 
 def write_fixtures(root: str, num_pairs: int, num_docs: int, seed: int = 0) -> tuple[str, str]:
-    from flamingo_jax.data.builders import skimage_photos
+    from flamingo_jax.demo.photos import skimage_photos
 
     rng = np.random.default_rng(seed)
     photos = [
@@ -122,8 +122,8 @@ def train_rate(datasets, tokenizer, steps: int) -> dict:
     import jax
 
     from flamingo_jax import configs, sharding
-    from flamingo_jax.train.loop import RunConfig, build_training, global_batches
     from flamingo_jax.data import mixture
+    from flamingo_jax.train.loop import RunConfig, build_training, global_batches
 
     model = configs.load_model_config(
         "models/smollm2_135m.gin", [f"LlamaConfig.vocab_size = {tokenizer.base_vocab_size}"]
@@ -163,6 +163,7 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args()
 
+    import flamingo_jax.demo  # noqa: F401  (registers the 'smollm2' weights, whose GGUF holds the tokenizer)
     from flamingo_jax.tokenizer import load_tokenizer
 
     try:

@@ -26,13 +26,14 @@ def time_forward(size: int, *, xla: bool, repeats: int) -> tuple[float, np.ndarr
     import jax
     from flax import nnx
 
+    from flamingo_jax.demo.weights import lite0_pth
     from flamingo_jax.importers.efficientnet import load_lite0
     from flamingo_jax.models import layers
     from flamingo_jax.models.efficientnet import EfficientNet, EfficientNetConfig
 
     with nnx.use_eager_sharding(False):
         model = EfficientNet(EfficientNetConfig(image_size=size), rngs=nnx.Rngs(0))
-    load_lite0(model)  # the real ImageNet weights: outputs of realistic size to compare
+    load_lite0(model, lite0_pth())  # the real ImageNet weights: outputs of realistic size to compare
     images = np.random.default_rng(0).normal(size=(64, size, size, 3)).astype(np.float32)
     # xla=True: the depthwise layers go through XLA's grouped convolution, as before the CPU path.
     xla_depthwise = lambda x, kernel, stride: layers.xla_conv2d(x, kernel, stride, groups=x.shape[-1])

@@ -74,13 +74,13 @@ def ours(repeats: int) -> dict:
     import jax.numpy as jnp
 
     from flamingo_jax import configs, flops, sharding
-    from flamingo_jax.train.loop import RunConfig, build_training
-    from flamingo_jax.train.optimizer import OptimizerConfig
-    from flamingo_jax.train.params import merge_model
     from flamingo_jax.batch import Batch
     from flamingo_jax.data.mixture import DatasetConfig
     from flamingo_jax.evaluation.generate import GenerateConfig, generate
-    from flamingo_jax.models.flamingo import count_params
+    from flamingo_jax.models.kinds import count_params
+    from flamingo_jax.train.loop import RunConfig, build_training
+    from flamingo_jax.train.optimizer import OptimizerConfig
+    from flamingo_jax.train.params import merge_model
 
     def build(bindings=()):
         model_config = configs.load_model_config(MODEL_GIN, bindings)

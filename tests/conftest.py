@@ -12,13 +12,6 @@ import tempfile
 # compilation cache for the session. Set before jax initialises its backend.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "flamingo_jax_test_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
-# The test programs are tiny: XLA's compile time, not their run time, is what the suite waits for,
-# and LLVM's optimisation passes are most of it (-32% wall time measured at level 0 on 2 cores).
-# Every test compares programs compiled under the same settings; subprocesses inherit them. The
-# slow demo test sets its own XLA_FLAGS (real model sizes, where run time counts).
-if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
-
 import numpy as np
 import pytest
 from flax import nnx
@@ -26,6 +19,18 @@ from PIL import Image
 
 from flamingo_jax import configs
 from flamingo_jax.batch import Batch
+
+
+def pytest_configure(config):
+    """The quick suite (``-m "not slow"``) compiles at LLVM optimisation level 0: its programs are
+    tiny, so XLA's compile time, not their run time, is what it waits for, and LLVM's passes are
+    most of it (-32% wall time measured on 2 cores). Every test compares programs compiled under
+    the same settings, and the subprocesses it starts inherit them. The slow tests train and run
+    real model sizes, where run time counts: they keep XLA's default. Runs before any test module
+    starts JAX's backend, which reads XLA_FLAGS once."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "not slow" in (config.option.markexpr or "") and "--xla_backend_optimization_level" not in flags:
+        os.environ["XLA_FLAGS"] = (flags + " --xla_backend_optimization_level=0").strip()
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ MODEL_FILES = sorted(
     os.path.relpath(path, configs.EXPERIMENTS_DIR)
     for path in glob.glob(os.path.join(configs.EXPERIMENTS_DIR, "models", "*.gin"))
     if not path.endswith("_common.gin")
-)
+) + ["flamingo_jax/demo/demo_model.gin"]
 
 
 def test_model_files_exist():
