@@ -33,12 +33,11 @@ class DatasetConfig:
     ``sources.SOURCES``: 'webdataset' (pair tar shards at ``path``), 'mmc4' (interleaved jsonl +
     images at ``path``), 'obelics' (interleaved parquet at ``path``), 'video' (videos + captions
     at ``path``), or a project's (sources reading packaged data default their ``path``). Real
-    sources are prepared once into
-    ArrayRecord under ``data_dir`` (default: a folder per source, path and options under
-    ``$FLAMINGO_JAX_DATA`` or ``~/.cache/flamingo_jax/tfds``), read from ``split``, and produce
-    sequences of ``length`` tokens with up to ``max_images`` images; video sources give
-    ``num_frames`` frames at ``fps``. ``options`` are extra builder arguments (``image_dir``,
-    ``shots``, ``limit``).
+    sources are prepared once into ArrayRecord under ``data_dir`` (default: a folder per source,
+    path and options under ``$FLAMINGO_JAX_DATA`` or ``~/.cache/flamingo_jax/tfds``), read from
+    ``split``, and produce sequences of ``length`` tokens with up to ``max_images`` images; video
+    sources give ``num_frames`` frames at ``fps``. ``options`` are extra builder arguments
+    (``image_dir``, a project's builder's own).
 
     ``loss_weight`` is the dataset's weight in the step's loss under the 'accumulate' strategy
     and its sampling weight under 'sample' (see ``mixture_dataset``).

@@ -1,9 +1,10 @@
 """Evaluation of a run's checkpoints: ``python -m flamingo_jax.main --mode=eval ...``.
 
 Builds the run's model exactly as training does (same gin files), restores the trainable
-parameters of the latest checkpoint in ``DIR/checkpoints`` (or ``EvalConfig.checkpoint_step``;
-0 evaluates the initialisation, the frozen LM), runs every task of the ``EvalConfig`` with the few-shot
-protocol and writes ``DIR/eval/<task>_<step>.json`` (metrics, the config, every prediction).
+parameters of the latest checkpoint in ``DIR/checkpoints`` (or ``EvalConfig.checkpoint_step``; 0
+evaluates the initialisation, the frozen LM), runs what fits the model's kind (few-shot tasks, or
+zero-shot retrieval for a contrastive model) and writes ``DIR/eval/<task>_<step>.json`` (metrics,
+the config, every prediction) and ``DIR/eval/report.md``.
 """
 
 from __future__ import annotations
@@ -26,11 +27,6 @@ from flamingo_jax.tokenizer import load_tokenizer
 from flamingo_jax.train.loop import RunConfig
 
 log = logging.getLogger(__name__)
-
-
-def evaluate(run_config: RunConfig, eval_config: fewshot.EvalConfig, workdir: str) -> dict[str, str]:
-    """Runs the evaluation of ``eval_config.checkpoint_step``; returns {task: path of its JSON}."""
-    return evaluate_steps(run_config, eval_config, workdir, [eval_config.checkpoint_step])[0]
 
 
 def evaluate_steps(
