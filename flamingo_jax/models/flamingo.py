@@ -242,12 +242,13 @@ class Flamingo(nnx.Module):
         they see no image, so this is exact, and much cheaper for templated text such as
         captioned pairs (``DatasetConfig.unique_rows``).
         """
-        start, hidden = 0, None
         if unique_rows:
-            start = min(self.config.xattn_layer_indices, default=self.config.lm.num_layers)
+            if not self.config.xattn_layer_indices:
+                raise ValueError("Flamingo: unique_rows needs at least one cross-attention block")
+            start = min(self.config.xattn_layer_indices)
             hidden = self._below_first_block(batch.tokens, start, unique_rows)
         else:
-            hidden = self.embed_tokens(batch.tokens)
+            start, hidden = 0, self.embed_tokens(batch.tokens)
         logits, _ = self._layers_from(start, hidden, batch.image_index, batch.image_mask, batch.images)
         return token_loss(logits, batch)
 
