@@ -9,7 +9,7 @@ error, not a silent override.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Generic, TypeVar
 
 Entry = TypeVar("Entry")
@@ -58,8 +58,3 @@ class Registry(Generic[Entry]):
 
     def get(self, name: str, default=None):
         return self._entries.get(name, default)
-
-
-def lookup(registry: Registry[Callable[[], str]], spec: str) -> str:
-    """A registered name's value (the entry called), else ``spec`` itself (a path)."""
-    return registry[spec]() if spec in registry else spec

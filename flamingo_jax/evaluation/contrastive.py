@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flamingo_jax.data.images import ImageConfig, image_config_for, preprocess
+from flamingo_jax.data.images import ImageConfig, image_config_for
 from flamingo_jax.evaluation.checkpoints import load_model
-from flamingo_jax.evaluation.fewshot import build_tasks
+from flamingo_jax.evaluation.fewshot import build_tasks, prepare_image
 from flamingo_jax.evaluation.tasks import Task
 from flamingo_jax.tokenizer import load_tokenizer
 
@@ -103,7 +103,7 @@ def zero_shot(model, tokenizer, image_config: ImageConfig, task: Task, *, num_im
         raise ValueError(f"zero-shot evaluation needs a classification task; {task.name!r} is {task.kind!r}")
     queries = task.queries[:num_images]
     labels = np.asarray([example.label for example in queries])
-    images = np.stack([preprocess(np.asarray(e.load_image(), np.uint8), image_config, None) for e in queries])
+    images = np.stack([prepare_image(e, image_config) for e in queries])
     max_length = model.config.text.max_length
     image_embeddings = embed(model, images)
     prompts = [task.templates.demo.format(answer=name, question="", text="") for name in task.class_names]

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from flamingo_jax.registry import Registry, lookup
+from flamingo_jax.registry import Registry
 
 WEIGHTS: Registry[Callable[[], str]] = Registry("pretrained weights")
 
 
 def weights_path(spec: str) -> str:
     """The path a registered weights name stands for, or ``spec`` itself (a path)."""
-    return lookup(WEIGHTS, spec)
+    return WEIGHTS[spec]() if spec in WEIGHTS else spec
