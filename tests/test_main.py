@@ -94,7 +94,7 @@ def test_smoke_run_writes_its_outputs_and_continues(tmp_path, caplog):
 
 
 def test_sigkill_after_a_checkpoint_resumes_bit_identically(tmp_path):
-    bindings = ("TRAIN_STEPS=60", "CHECKPOINT_EVERY=10", "LOG_EVERY=1")
+    bindings = ("TRAIN_STEPS=30", "CHECKPOINT_EVERY=5", "LOG_EVERY=1")
     reference = str(tmp_path / "reference")
     main_in_process(reference, *bindings)  # the same program as the subprocess's, on the same devices
 
@@ -102,20 +102,20 @@ def test_sigkill_after_a_checkpoint_resumes_bit_identically(tmp_path):
     process = subprocess.Popen(
         main_command(interrupted, *bindings), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    wait_for(lambda: os.path.isdir(os.path.join(interrupted, "checkpoints", "10")), 300, process)
+    wait_for(lambda: os.path.isdir(os.path.join(interrupted, "checkpoints", "5")), 300, process)
     process.send_signal(signal.SIGKILL)
     process.communicate()
     steps = [int(name) for name in os.listdir(os.path.join(interrupted, "checkpoints")) if name.isdigit()]
-    assert max(steps) < 60, "the run finished before it could be killed"
+    assert max(steps) < 30, "the run finished before it could be killed"
     killed_at = max(r["step"] for r in read_metrics(interrupted))
 
     result = run_main(interrupted, *bindings)
     assert result.returncode == 0, result.stderr[-3000:]
     resumed = read_metrics(interrupted)
-    assert [r["step"] for r in resumed] == list(range(1, 61)), killed_at
+    assert [r["step"] for r in resumed] == list(range(1, 31)), killed_at
     assert without_timing(resumed) == without_timing(read_metrics(reference))
-    expected = final_params(reference, 60)
-    actual = final_params(interrupted, 60)
+    expected = final_params(reference, 30)
+    actual = final_params(interrupted, 30)
     assert expected.keys() == actual.keys()
     for key, value in expected.items():
         np.testing.assert_array_equal(actual[key], value, err_msg=key)

@@ -24,6 +24,8 @@ from flamingo_jax.demo import fashion_mnist, photos
 from flamingo_jax.models.flamingo import create_flamingo, token_loss
 from flamingo_jax.tokenizer import Tokenizer
 
+from conftest import jit_forward
+
 IMAGE = ImageConfig(image_size=16)
 TOKENIZER = Tokenizer.from_bytes()
 
@@ -141,7 +143,7 @@ def test_video_captions_frames_at_one_fps(video_dir, tmp_path):
     batch = Batch.from_dict({k: np.stack([e[k] for e in produced]) for k in produced[0]})
     config = configs.load_model_config("models/tiny.gin", ["LlamaConfig.vocab_size = 259"])
     validate(batch, image_shape=(16, 16, 3), vocab_size=config.total_vocab_size)
-    logits, _ = create_flamingo(config)(batch.tokens, batch.image_index, batch.image_mask, batch.images)
+    logits = jit_forward(create_flamingo(config))(batch.tokens, batch.image_index, batch.image_mask, batch.images)
     loss, count = jax.jit(token_loss)(logits, batch)
     assert np.isfinite(float(loss)) and float(count) > 0
 

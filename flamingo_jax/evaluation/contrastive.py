@@ -9,6 +9,7 @@ scored correctly.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from flamingo_jax.data.images import ImageConfig, image_config_for
 from flamingo_jax.evaluation.checkpoints import load_model
@@ -72,8 +74,10 @@ def embed(model, images: np.ndarray | None = None, tokens=None, mask=None, *, ba
     """Unit embeddings float32[N, D] of images float[N, H, W, C] or of captions (tokens, mask),
     in fixed-size batches (the last one padded) so one compile serves every batch."""
     count = len(images) if images is not None else len(tokens)
-    image_fn = jax.jit(lambda x: model.embed_images(x))
-    text_fn = jax.jit(lambda t, m: model.embed_texts(t, m))
+    # The weights are arguments: closed over, they would be constants of the program.
+    graphdef, state = nnx.split(model)
+    image_fn = functools.partial(jax.jit(lambda s, x: nnx.merge(graphdef, s).embed_images(x)), state)
+    text_fn = functools.partial(jax.jit(lambda s, t, m: nnx.merge(graphdef, s).embed_texts(t, m)), state)
     out = []
 
     def pad(array):
