@@ -22,35 +22,21 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 
 import numpy as np
+from step_config import BATCH, ENDOFCHUNK, IMAGES, LENGTH, MEDIA, MODEL_GIN, VOCAB, bench_inputs  # bench/ on sys.path
 
-BATCH, LENGTH, IMAGES = 8, 128, 2
 PROMPT_TOKENS, NEW_TOKENS = 16, 32
-VOCAB = 49152
-MEDIA, ENDOFCHUNK = VOCAB, VOCAB + 1
 THREADS = 2
-MODEL_GIN = "models/smollm2_135m.gin"
 TUNED_MALLOC = {
     "MALLOC_MMAP_MAX_": "0",
     "MALLOC_TRIM_THRESHOLD_": "68719476736",
     "MALLOC_TOP_PAD_": "536870912",
 }
-
-
-def bench_inputs(seed: int = 0):
-    """The same token ids, image positions and pixels for both sides (numpy)."""
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, VOCAB, (BATCH, LENGTH)).astype(np.int32)
-    tokens[:, 0] = MEDIA
-    tokens[:, LENGTH // 2] = MEDIA
-    images = rng.normal(size=(BATCH, IMAGES, 1, 224, 224, 3)).astype(np.float32)
-    return tokens, images
 
 
 def timed(fn, repeats: int, warmup: int = 2) -> dict:
@@ -70,44 +56,16 @@ def timed(fn, repeats: int, warmup: int = 2) -> dict:
 
 
 def ours(repeats: int) -> dict:
-    import jax
-    import jax.numpy as jnp
+    from step_config import bench_batch, build_training
 
-    from flamingo_jax import configs, flops, sharding
-    from flamingo_jax.batch import Batch
-    from flamingo_jax.data.mixture import DatasetConfig
+    from flamingo_jax import flops
     from flamingo_jax.evaluation.generate import GenerateConfig, generate
     from flamingo_jax.models.kinds import count_params
-    from flamingo_jax.train.loop import RunConfig, build_training
-    from flamingo_jax.train.optimizer import OptimizerConfig
     from flamingo_jax.train.params import merge_model
 
-    def build(bindings=()):
-        model_config = configs.load_model_config(MODEL_GIN, bindings)
-        run_config = RunConfig(
-            model=model_config,
-            datasets=(DatasetConfig(name="bench", batch_size=BATCH),),
-            mesh=sharding.MeshConfig(data=1),
-            optimizer=OptimizerConfig(learning_rate=1e-4, warmup_steps=1),
-        )
-        training = build_training(run_config, sharding.create_mesh(run_config.mesh, jax.devices()[:1]))
-        # Open gates (as after some training): the visual path does real work in every block.
-        training.state.params = {
-            key: (jnp.full_like(value, 0.5) if key.endswith("_gate") else value)
-            for key, value in training.state.params.items()
-        }
-        return model_config, training
-
-    model_config, training = build()
+    model_config, training = build_training()
     tokens, images = bench_inputs()
-    index = np.where(np.arange(LENGTH) >= LENGTH // 2, 1, 0).astype(np.int32)
-    batch = Batch(
-        tokens=jnp.asarray(tokens),
-        images=jnp.asarray(images),
-        image_mask=jnp.ones((BATCH, IMAGES), bool),
-        image_index=jnp.asarray(np.broadcast_to(index, (BATCH, LENGTH))),
-        loss_mask=jnp.asarray(np.pad(np.ones((BATCH, LENGTH - 1), np.float32), ((0, 0), (0, 1)))),
-    )
+    batch = bench_batch()
 
     def step(training=training):
         float(training.step({"bench": batch})["loss"])  # the float() waits for the step
@@ -125,7 +83,7 @@ def ours(repeats: int) -> dict:
         f"{name}.{field} = 'bfloat16'" for name in ("LlamaConfig", "ViTConfig") for field in ("param_dtype", "dtype")
     ]
     bf16_bindings += ["ResamplerConfig.dtype = 'bfloat16'"]
-    _, bf16_training = build(bf16_bindings)
+    _, bf16_training = build_training(bf16_bindings)
     step(bf16_training)
     bf16_result = timed(lambda: step(bf16_training), repeats, warmup=1)
     bf16_result["tokens_per_s"] = BATCH * LENGTH / bf16_result["seconds"]
@@ -272,21 +230,6 @@ def openflamingo(repeats: int) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def streaming_read_bandwidth(size_bytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Bytes/s of one pass summing a large fp32 array, split over THREADS threads (numpy releases
-    the GIL): the memory side of the decode roofline."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    parts = np.array_split(np.ones(size_bytes // 4, np.float32), THREADS)
-    best = float("inf")
-    with ThreadPoolExecutor(THREADS) as pool:
-        for _ in range(repeats):
-            started = time.perf_counter()
-            list(pool.map(np.sum, parts))
-            best = min(best, time.perf_counter() - started)
-    return size_bytes / best
-
-
 def run_worker(side: str, allocator: str, repeats: int) -> dict:
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # one CPU device, as the PyTorch side
@@ -324,9 +267,11 @@ def main() -> None:
         print(json.dumps(result))
         return
 
+    from machine import describe, line
     from results_io import write_results  # bench/ is on sys.path when run as a script
 
-    bandwidth = streaming_read_bandwidth()
+    machine = describe(threads=THREADS)
+    bandwidth = machine["stream_bytes_per_s"]
     runs = {}
     for allocator in args.allocators.split(","):
         runs[allocator] = {side: run_worker(side, allocator, args.repeats) for side in ("ours", "openflamingo")}
@@ -335,7 +280,7 @@ def main() -> None:
     decode_bytes = ours_primary["decode_weight_bytes_per_token"]
     result = {
         "date": datetime.date.today().isoformat(),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "threads": THREADS},
+        "machine": {**machine, "threads": THREADS},
         "config": {"batch": BATCH, "length": LENGTH, "images": IMAGES, "dtype": "float32", "model": MODEL_GIN},
         "runs": runs,
         "train_ratio_vs_openflamingo": ours_primary["train"]["tokens_per_s"] / theirs_primary["train"]["tokens_per_s"],
@@ -350,6 +295,8 @@ def main() -> None:
     }
     lines = [
         f"# Against OpenFlamingo, {result['date']} ({os.cpu_count()} CPUs, {THREADS} threads, fp32)",
+        "",
+        line(machine),
         "",
         "SmolLM2-135M-shaped LM + ViT-B/32 (224 px), resampler depth 6, xattn every 2 layers; random weights.",
         f"Train step: batch {BATCH} x {LENGTH} tokens, {IMAGES} images each, forward + backward + AdamW. "

@@ -315,3 +315,36 @@ def test_unique_rows_gives_the_same_loss_and_gradients(tiny_config):
         for got, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
         assert sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(want_grads)) > 0
+
+
+def test_target_capacity_gives_the_same_loss_and_gradients(tiny_config):
+    """The head and the loss at the target positions only (at most ``target_capacity`` per row)
+    are exact: same loss and trainable gradients as at every position, both when every row fits
+    (the head then projects only ``capacity`` positions) and when a row has more targets (every
+    position is then computed); a row without targets and a batch without any are fine."""
+    model = create_flamingo(tiny_config)
+    set_gates(model, 0.5)
+    graphdef, trainable, rest = nnx.split(model, trainable_filter(tiny_config), ...)
+    batch = make_batch(tiny_config, batch_size=4, seed=5)
+    loss_mask = np.zeros((4, 12), np.float32)
+    for row, positions in enumerate([[2, 3, 4], [5, 6, 7, 8, 10], [], [9, 10]]):
+        loss_mask[row, positions] = 1.0
+    batch = dataclasses.replace(batch, loss_mask=loss_mask)
+
+    def loss_fn(batch, capacity):
+        def loss(params):
+            return nnx.merge(graphdef, params, rest).train_loss(batch, target_capacity=capacity)
+
+        return jax.value_and_grad(loss, has_aux=True)
+
+    want = jax.jit(loss_fn(batch, 0))(trainable)
+    for capacity in (5, 4):  # every row fits / the second row has 5 targets
+        (loss, count), grads = jax.jit(loss_fn(batch, capacity))(trainable)
+        np.testing.assert_allclose(loss, want[0][0], rtol=1e-5)
+        assert float(count) == float(want[0][1]) == 10
+        for got, expected in zip(jax.tree.leaves(grads), jax.tree.leaves(want[1]), strict=True):
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-7)
+    vocab = tiny_config.lm.vocab_size + 2
+    assert f"f32[4,5,{vocab}]" in str(jax.make_jaxpr(loss_fn(batch, 5))(trainable))  # 5 positions projected
+    (loss, count), _ = jax.jit(loss_fn(dataclasses.replace(batch, loss_mask=np.zeros_like(loss_mask)), 5))(trainable)
+    assert float(loss) == 0.0 and float(count) == 0.0

@@ -123,12 +123,32 @@ def test_weight_decay_skips_the_resampler_and_schedule_warms_up():
     assert [float(schedule(s)) for s in (0, 3, 100)] == [0.25, 1.0, 1.0]
 
 
-def test_remat_and_bf16_settings():
+@pytest.fixture(scope="module")
+def eight_device_run():
+    """Two steps of the smoke run on its 8-device mesh: the reference of the settings that must
+    not change the numbers."""
+    config = smoke_config()
+    return run_steps(config, sharding.create_mesh(config.mesh))
+
+
+def test_target_capacity_gives_the_same_steps(eight_device_run):
+    """The head and loss at the target positions only (DatasetConfig.target_capacity), with the
+    batch sharded over 8 devices: the same losses and parameters as at every position."""
+    config = smoke_config("interleaved/DatasetConfig.target_capacity = 20", "pairs/DatasetConfig.target_capacity = 9")
+    assert [d.target_capacity for d in config.datasets] == [20, 9]
+    training, losses = run_steps(config, sharding.create_mesh(config.mesh))
+    reference, reference_losses = eight_device_run
+    np.testing.assert_allclose(losses, reference_losses, rtol=1e-5)
+    for key, value in reference.state.params.items():
+        np.testing.assert_allclose(np.asarray(training.state.params[key]), np.asarray(value), atol=2e-6, err_msg=key)
+
+
+def test_remat_and_bf16_settings(eight_device_run):
     """Rematerialised LM layers give the same step; bf16 frozen weights and activations with fp32
     trainables train to a finite loss."""
     config = smoke_config()
     mesh = sharding.create_mesh(config.mesh)
-    _, plain = run_steps(config, mesh, steps=1)
+    plain = eight_device_run[1][:1]
     remat = dataclasses.replace(
         config, model=dataclasses.replace(config.model, lm=dataclasses.replace(config.model.lm, remat=True))
     )

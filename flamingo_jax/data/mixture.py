@@ -46,6 +46,11 @@ class DatasetConfig:
     distinct token row of a batch (up to this many; all rows when there are more). Exact; for
     templated text (pairs whose captions come from a few templates). Best on one host: finding
     the distinct rows gathers the dataset's global batch of tokens.
+
+    ``target_capacity`` > 0: the LM head and the loss run at no more than this many positions per
+    row, those ``loss_mask`` selects (in order), instead of at every position. Exact: a batch with
+    a row of more targets computes them all. Pays where many positions carry no loss (padding,
+    images, prompts in instruction tuning); the batch stays sharded as it is.
     """
 
     name: str
@@ -65,10 +70,12 @@ class DatasetConfig:
     fps: float = 1.0
     augment: bool = True
     unique_rows: int = 0
+    target_capacity: int = 0
 
     def __post_init__(self):
-        if self.unique_rows < 0:
-            raise ValueError(f"DatasetConfig {self.name!r}: unique_rows must be >= 0, got {self.unique_rows}")
+        for field in ("unique_rows", "target_capacity"):
+            if getattr(self, field) < 0:
+                raise ValueError(f"DatasetConfig {self.name!r}: {field} must be >= 0, got {getattr(self, field)}")
         if self.batch_size <= 0:
             raise ValueError(f"DatasetConfig {self.name!r}: batch_size must be positive, got {self.batch_size}")
         if self.loss_weight < 0:

@@ -157,15 +157,18 @@ class ContrastiveModel(nnx.Module):
     def scale(self) -> jax.Array:
         return jnp.minimum(jnp.exp(self.log_scale[...]), self.config.max_scale)
 
-    def train_loss(self, batch: Batch, *, unique_rows: int = 0) -> tuple[jax.Array, jax.Array]:
+    def train_loss(
+        self, batch: Batch, *, unique_rows: int = 0, target_capacity: int = 0
+    ) -> tuple[jax.Array, jax.Array]:
         """Symmetric InfoNCE over the global batch of pairs: (loss, number of pairs counted).
 
         Pairs without an image or without caption tokens take part neither as positives nor as
-        negatives; a batch with none gives loss 0 (not NaN). ``unique_rows`` (a saving for frozen
-        LM layers) does not apply: the text tower trains.
+        negatives; a batch with none gives loss 0 (not NaN). ``unique_rows`` and ``target_capacity``
+        (savings of a language model's layers and head) do not apply: the text tower trains.
         """
-        if unique_rows:
-            raise ValueError("DatasetConfig.unique_rows applies to Flamingo models, not the contrastive model")
+        for name, value in (("unique_rows", unique_rows), ("target_capacity", target_capacity)):
+            if value:
+                raise ValueError(f"DatasetConfig.{name} applies to Flamingo models, not the contrastive model")
         tokens, mask = caption_tokens(batch, self.config)
         valid = batch.image_mask[:, 0] & mask.any(axis=1)
         images = self.embed_images(batch.images[:, 0, 0])

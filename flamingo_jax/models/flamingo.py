@@ -119,22 +119,26 @@ class Flamingo(nnx.Module):
         """
         batch, num_media, num_frames = images.shape[:3]
         flat = images.reshape(batch * num_media * num_frames, *images.shape[3:])
-        features = self.vision(flat)
+        with jax.named_scope("vision"):
+            features = self.vision(flat)
         if "vision" not in self.config.trainable:
             features = jax.lax.stop_gradient(features)
         features = features.reshape(batch, num_media, num_frames, *features.shape[1:])
-        return self.resampler(features)
+        with jax.named_scope("resampler"):
+            return self.resampler(features)
 
     def media_kv(self, visual: jax.Array) -> tuple[tuple[jax.Array, jax.Array], ...]:
         """Per xattn block (keys, values) of the visual tokens; cached once per prompt in decoding."""
-        return tuple(block.media_kv(visual) for block in self.xattn_layers)
+        with jax.named_scope("xattn"):
+            return tuple(block.media_kv(visual) for block in self.xattn_layers)
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
         """int32[B, T] with new-token ids >= lm.vocab_size -> float[B, T, W]."""
         vocab = self.config.lm.vocab_size
-        base = self.lm.embed_tokens(jnp.clip(tokens, 0, vocab - 1))
-        new_rows = jnp.take(self.new_tokens.embed[...], jnp.clip(tokens - vocab, 0, len(NEW_TOKENS) - 1), axis=0)
-        return jnp.where((tokens >= vocab)[..., None], new_rows.astype(base.dtype), base)
+        with jax.named_scope("embed"):
+            base = self.lm.embed_tokens(jnp.clip(tokens, 0, vocab - 1))
+            new_rows = jnp.take(self.new_tokens.embed[...], jnp.clip(tokens - vocab, 0, len(NEW_TOKENS) - 1), axis=0)
+            return jnp.where((tokens >= vocab)[..., None], new_rows.astype(base.dtype), base)
 
     def __call__(
         self,
@@ -163,7 +167,7 @@ class Flamingo(nnx.Module):
         Returns:
           (float32[B, T, lm.vocab_size + 2] logits, updated KV cache or None).
         """
-        return self._layers_from(
+        hidden, cache = self._hidden_from(
             0,
             self.embed_tokens(tokens),
             image_index,
@@ -173,10 +177,10 @@ class Flamingo(nnx.Module):
             input_mask=input_mask,
             positions=positions,
             cache=cache,
-            last_only=last_only,
         )
+        return self.head(hidden[:, -1:] if last_only else hidden), cache
 
-    def _layers_from(
+    def _hidden_from(
         self,
         start: int,
         hidden: jax.Array,
@@ -188,10 +192,9 @@ class Flamingo(nnx.Module):
         input_mask=None,
         positions=None,
         cache=None,
-        last_only: bool = False,
     ) -> tuple[jax.Array, KVCache | None]:
         """The LM layers from ``start`` (with their xattn blocks) on the hidden states
-        float[B, T, W] entering it, then the logits (as :meth:`__call__`)."""
+        float[B, T, W] entering it: the final-normed hidden states the head reads."""
         if media_kv is None:
             if images is None:
                 raise ValueError("Flamingo needs either images or precomputed media_kv")
@@ -205,7 +208,8 @@ class Flamingo(nnx.Module):
             if index not in blocks:
                 return hidden
             position = blocks[index]
-            return self.xattn_layers[position](hidden, media_kv[position], mask)
+            with jax.named_scope("xattn"):
+                return self.xattn_layers[position](hidden, media_kv[position], mask)
 
         hidden, cache = self.lm.backbone(
             hidden,
@@ -215,10 +219,12 @@ class Flamingo(nnx.Module):
             before_layer=before_layer,
             layer_range=(start, self.config.lm.num_layers) if start else None,
         )
-        if last_only:
-            hidden = hidden[:, -1:]
-        logits = jnp.concatenate([self.lm.logits(hidden), self.new_tokens.logits(hidden)], axis=-1)
-        return logits, cache
+        return hidden, cache
+
+    def head(self, hidden: jax.Array) -> jax.Array:
+        """Final-normed hidden float[B, T, W] -> float32[B, T, lm.vocab_size + 2] logits."""
+        with jax.named_scope("lm_head"):
+            return jnp.concatenate([self.lm.logits(hidden), self.new_tokens.logits(hidden)], axis=-1)
 
     def _below_first_block(self, tokens: jax.Array, stop: int, max_rows: int) -> jax.Array:
         """float[B, T, W]: the LM's hidden states entering layer ``stop``, computed once per
@@ -234,13 +240,19 @@ class Flamingo(nnx.Module):
             lambda: lower(tokens),
         )
 
-    def train_loss(self, batch: Batch, *, unique_rows: int = 0) -> tuple[jax.Array, jax.Array]:
+    def train_loss(
+        self, batch: Batch, *, unique_rows: int = 0, target_capacity: int = 0
+    ) -> tuple[jax.Array, jax.Array]:
         """(next-token loss over the targets ``loss_mask`` selects, number of targets).
 
         ``unique_rows`` > 0 runs the LM layers below the first cross-attention block once per
         distinct token row of the batch (at most this many; every row when the batch has more):
         they see no image, so this is exact, and much cheaper for templated text such as
         captioned pairs (``DatasetConfig.unique_rows``).
+
+        ``target_capacity`` > 0 applies the head (and the loss) only at the target positions, at
+        most this many per row (every position when a row has more): exact, and cheaper where
+        many positions carry no loss (``DatasetConfig.target_capacity``).
         """
         if unique_rows:
             if not self.config.xattn_layer_indices:
@@ -249,8 +261,10 @@ class Flamingo(nnx.Module):
             hidden = self._below_first_block(batch.tokens, start, unique_rows)
         else:
             start, hidden = 0, self.embed_tokens(batch.tokens)
-        logits, _ = self._layers_from(start, hidden, batch.image_index, batch.image_mask, batch.images)
-        return token_loss(logits, batch)
+        hidden, _ = self._hidden_from(start, hidden, batch.image_index, batch.image_mask, batch.images)
+        if target_capacity and target_capacity < batch.tokens.shape[1] - 1:
+            return target_loss(self.head, hidden, batch, target_capacity)
+        return token_loss(self.head(hidden), batch)
 
 
 def token_loss(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
@@ -259,12 +273,41 @@ def token_loss(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
     Returns (loss, number of counted targets). A batch with no counted target gives loss 0, not
     NaN (its gradient is zero too).
     """
+    return _weighted_nll(logits[:, :-1], batch.tokens[:, 1:], batch.loss_mask[:, :-1])
+
+
+def target_loss(head, hidden: jax.Array, batch: Batch, capacity: int) -> tuple[jax.Array, jax.Array]:
+    """``token_loss(head(hidden), batch)`` with ``head`` applied at the target positions only:
+    the first ``capacity`` positions of each row that ``loss_mask`` selects, in order (padded with
+    positions of weight 0). A batch with a row of more targets takes the full path, so the result
+    is the same for every batch; both paths are compiled, one runs."""
     weights = batch.loss_mask[:, :-1].astype(jnp.float32)
     targets = batch.tokens[:, 1:]
-    log_probs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-    count = weights.sum()
-    return (nll * weights).sum() / jnp.maximum(count, 1.0), count
+
+    def selected(hidden):
+        with jax.named_scope("loss"):
+            order = jnp.argsort(weights <= 0, axis=1, stable=True)[:, :capacity]
+            picked = jnp.take_along_axis(hidden[:, :-1], order[..., None], axis=1)
+        logits = head(picked)
+        take = lambda values: jnp.take_along_axis(values, order, axis=1)
+        return _weighted_nll(logits, take(targets), take(weights))
+
+    def every(hidden):
+        return _weighted_nll(head(hidden)[:, :-1], targets, weights)
+
+    fits = jnp.max(jnp.sum(weights > 0, axis=1)) <= capacity
+    return jax.lax.cond(fits, selected, every, hidden)
+
+
+def _weighted_nll(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(mean of -log p(target) weighted by ``weights``, sum of weights); logits float[B, K, V]
+    predict targets int[B, K]."""
+    with jax.named_scope("loss"):
+        weights = weights.astype(jnp.float32)
+        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+        count = weights.sum()
+        return (nll * weights).sum() / jnp.maximum(count, 1.0), count
 
 
 def create_flamingo(config: FlamingoConfig, seed: int = 0) -> Flamingo:

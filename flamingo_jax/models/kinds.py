@@ -3,7 +3,8 @@ contrastive two-tower model) is a :class:`ModelKind`: the module its config buil
 train step and the evaluation that fits it. Code outside ``models/`` asks ``kind_of(config)``
 instead of testing config types; a new kind is one more entry in ``KINDS``.
 
-Every kind's module implements ``train_loss(batch, *, unique_rows=0) -> (loss, count)`` on the
+Every kind's module implements ``train_loss(batch, *, unique_rows=0, target_capacity=0) -> (loss,
+count)`` on the
 batch contract, and its config carries ``trainable`` (top-level parameter groups that train) and
 the text-vocabulary properties ``base_vocab_size`` / ``media_token_id`` / ``endofchunk_token_id``.
 """

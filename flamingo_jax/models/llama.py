@@ -143,11 +143,13 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(config, rngs=rngs)
 
     def __call__(self, x, positions, key_valid, query_slots, layer_cache, cache_end):
-        attended, new_cache = self.attention(
-            self.input_norm(x), positions, key_valid, query_slots, layer_cache, cache_end
-        )
-        x = x + attended
-        return x + self.mlp(self.post_attention_norm(x)), new_cache
+        with jax.named_scope("attention"):
+            attended, new_cache = self.attention(
+                self.input_norm(x), positions, key_valid, query_slots, layer_cache, cache_end
+            )
+            x = x + attended
+        with jax.named_scope("mlp"):
+            return x + self.mlp(self.post_attention_norm(x)), new_cache
 
 
 def _run_layer(layer, x, positions, key_valid, query_slots):

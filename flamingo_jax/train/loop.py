@@ -165,17 +165,10 @@ def build_training(config: RunConfig, mesh) -> Training:
     return Training(mesh, rules, graphdef, state, frozen, state_shardings, step_fn)
 
 
-def train(config: RunConfig, workdir: str) -> dict:
-    """Trains (or resumes) a run in ``workdir``. Returns a summary: the final ``step``, whether
-    the run stopped early for ``preempted``, the ``training`` (its final state) and the
-    ``initial_params`` (kept for ``evaluate_at_end`` in a run that started at step 0, else None),
-    which evaluation reuses instead of rebuilding."""
-
-    mesh = sharding.create_mesh(config.mesh)
-    training = build_training(config, mesh)
+def open_mixture(config: RunConfig):
+    """The run's data mixture (``mixture.mixture_dataset``) for this process, with the run's
+    tokenizer (checked against the model's vocabulary) where a dataset reads text."""
     model_config = config.model
-    rules = training.rules
-
     token_ids = mixture.TokenIds(
         model_config.base_vocab_size, model_config.media_token_id, model_config.endofchunk_token_id
     )
@@ -187,7 +180,7 @@ def train(config: RunConfig, workdir: str) -> dict:
                 f"RunConfig.tokenizer={config.tokenizer!r} has {tokenizer.base_vocab_size} base tokens but "
                 f"the model's vocabulary (LlamaConfig / TextEncoderConfig.vocab_size) is {model_config.base_vocab_size}"
             )
-    dataset = mixture.mixture_dataset(
+    return mixture.mixture_dataset(
         config.datasets,
         token_ids,
         seed=config.seed,
@@ -198,6 +191,34 @@ def train(config: RunConfig, workdir: str) -> dict:
         image_config=image_config_for(model_config.vision),
         strategy=config.mixture_strategy,
     )
+
+
+def mixture_flops(config: RunConfig, dataset) -> dict[str, float]:
+    """{dataset name: FLOPs of its forward + backward in one step} from the first item's shapes."""
+    shapes = {name: {key: value.shape for key, value in fields.items()} for name, fields in dataset.first().items()}
+    return {
+        d.name: kind_of(config.model).step_flops(
+            config.model,
+            d.batch_size,
+            shapes[d.name]["tokens"][1],
+            num_media=shapes[d.name]["images"][1],
+            num_frames=shapes[d.name]["images"][2],
+        )
+        for d in config.datasets
+    }
+
+
+def train(config: RunConfig, workdir: str) -> dict:
+    """Trains (or resumes) a run in ``workdir``. Returns a summary: the final ``step``, whether
+    the run stopped early for ``preempted``, the ``training`` (its final state) and the
+    ``initial_params`` (kept for ``evaluate_at_end`` in a run that started at step 0, else None),
+    which evaluation reuses instead of rebuilding."""
+
+    mesh = sharding.create_mesh(config.mesh)
+    training = build_training(config, mesh)
+    rules = training.rules
+
+    dataset = open_mixture(config)
     # Measured before the data threads start (they would share the cores with the measurement).
     peak, peak_source = flops.peak_flops_per_step_second(jax.devices())
     iterator = mixture.mixture_iterator(dataset, workers=config.data_workers, prefetch_threads=config.data_threads)
@@ -215,17 +236,8 @@ def train(config: RunConfig, workdir: str) -> dict:
     keep_initial = config.evaluate_at_end and start_step == 0
     initial_params = jax.tree.map(jnp.copy, training.state.params) if keep_initial else None
 
+    dataset_flops = mixture_flops(config, dataset)
     shapes = {name: {key: value.shape for key, value in fields.items()} for name, fields in dataset.first().items()}
-    dataset_flops = {
-        d.name: kind_of(model_config).step_flops(
-            model_config,
-            d.batch_size,
-            shapes[d.name]["tokens"][1],
-            num_media=shapes[d.name]["images"][1],
-            num_frames=shapes[d.name]["images"][2],
-        )
-        for d in config.datasets
-    }
     dataset_tokens = {d.name: d.batch_size * shapes[d.name]["tokens"][1] for d in config.datasets}
     log.info("%.3g FLOPs per step; peak %.3g FLOP/s (%s)", sum(dataset_flops.values()), peak, peak_source)
 

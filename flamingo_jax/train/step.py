@@ -35,15 +35,16 @@ def gate_values(params: FlatParams) -> dict[str, jax.Array]:
 
 
 def make_train_step(
-    graphdef, tx: optax.GradientTransformation, loss_weights: dict[str, float], schedule, unique_rows=None
+    graphdef, tx: optax.GradientTransformation, loss_weights: dict[str, float], schedule, loss_options=None
 ):
     """``step(state, frozen, batches) -> (state, metrics)`` for a {dataset name: Batch} mixture;
     datasets absent from ``batches`` (the 'sample' strategy) contribute nothing that step.
-    ``unique_rows``: {dataset name: DatasetConfig.unique_rows} for those that set it."""
-    unique_rows = unique_rows or {}
+    ``loss_options``: {dataset name: keyword arguments of the model's ``train_loss``} for the
+    datasets that set any (``unique_rows``, ``target_capacity``)."""
+    loss_options = loss_options or {}
 
     def dataset_loss(params, frozen, batch: Batch, name: str):
-        return merge_model(graphdef, params, frozen).train_loss(batch, unique_rows=unique_rows.get(name, 0))
+        return merge_model(graphdef, params, frozen).train_loss(batch, **loss_options.get(name, {}))
 
     def step(state: TrainState, frozen: FlatParams, batches: dict[str, Batch]):
         grads = jax.tree.map(jnp.zeros_like, state.params)
@@ -80,6 +81,12 @@ def train_state_shardings(tx, trainable: FlatParams, mesh) -> TrainState:
     return TrainState(sharding.replicated(mesh), param_shardings, opt_state)
 
 
+def loss_options(dataset) -> dict[str, int]:
+    """The ``train_loss`` keyword arguments a ``DatasetConfig`` sets (its exact savings)."""
+    options = {"unique_rows": dataset.unique_rows, "target_capacity": dataset.target_capacity}
+    return {key: value for key, value in options.items() if value}
+
+
 def jit_train_step(config, graphdef, tx, state_shardings: TrainState, frozen_shardings: dict):
     """The jitted ``step(state, frozen, batches)`` of a run (``config``: its ``RunConfig``; donates
     the old state); the batches' shardings come from the arrays passed in."""
@@ -93,7 +100,7 @@ def jit_train_step(config, graphdef, tx, state_shardings: TrainState, frozen_sha
             tx,
             loss_weights,
             learning_rate_schedule(config.optimizer),
-            {dataset.name: dataset.unique_rows for dataset in config.datasets if dataset.unique_rows},
+            {dataset.name: options for dataset in config.datasets if (options := loss_options(dataset))},
         ),
         in_shardings=(state_shardings, frozen_shardings, None),
         out_shardings=(state_shardings, state_shardings.step),
