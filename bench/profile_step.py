@@ -109,7 +109,7 @@ def run_step(gin_file: str, bindings=()):
     training = build_training(config, sharding.create_mesh(config.mesh))
     dataset = open_mixture(config)
     local, _ = mixture.split_skipped(dataset[0])
-    step_flops = mixture_flops(config, dataset)
+    step_flops = mixture_flops(config, dataset.first())
     return training, global_batches(local, training.mesh, training.rules), sum(step_flops[name] for name in local)
 
 

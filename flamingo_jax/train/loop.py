@@ -193,9 +193,10 @@ def open_mixture(config: RunConfig):
     )
 
 
-def mixture_flops(config: RunConfig, dataset) -> dict[str, float]:
-    """{dataset name: FLOPs of its forward + backward in one step} from the first item's shapes."""
-    shapes = {name: {key: value.shape for key, value in fields.items()} for name, fields in dataset.first().items()}
+def mixture_flops(config: RunConfig, first: dict[str, dict]) -> dict[str, float]:
+    """{dataset name: FLOPs of its forward + backward in one step}, from the shapes of ``first``,
+    the mixture's ``first()`` batches."""
+    shapes = {name: {key: value.shape for key, value in fields.items()} for name, fields in first.items()}
     return {
         d.name: kind_of(config.model).step_flops(
             config.model,
@@ -236,9 +237,9 @@ def train(config: RunConfig, workdir: str) -> dict:
     keep_initial = config.evaluate_at_end and start_step == 0
     initial_params = jax.tree.map(jnp.copy, training.state.params) if keep_initial else None
 
-    dataset_flops = mixture_flops(config, dataset)
-    shapes = {name: {key: value.shape for key, value in fields.items()} for name, fields in dataset.first().items()}
-    dataset_tokens = {d.name: d.batch_size * shapes[d.name]["tokens"][1] for d in config.datasets}
+    first = dataset.first()  # reads and decodes a batch of every dataset: once
+    dataset_flops = mixture_flops(config, first)
+    dataset_tokens = {d.name: d.batch_size * first[d.name]["tokens"].shape[1] for d in config.datasets}
     log.info("%.3g FLOPs per step; peak %.3g FLOP/s (%s)", sum(dataset_flops.values()), peak, peak_source)
 
     writer = MetricsWriter(
