@@ -66,17 +66,20 @@ def make_batch(config, *, batch_size=2, length=12, num_media=3, num_frames=1, se
     return Batch(tokens, images.astype(np.float32), image_mask, image_index, loss_mask)
 
 
-def jit_forward(model):
-    """A jitted ``(state, tokens, image_index, image_mask, images) -> logits`` for ``model``."""
+def jitted(module, method="__call__"):
+    """``module.method`` as one compiled program with the weights passed in (closed over, they
+    would be constants of the program; op by op, a network compiles hundreds of small programs)."""
     import jax
 
-    graphdef, state = nnx.split(model)
+    graphdef, state = nnx.split(module)
+    call = jax.jit(lambda state, *args: getattr(nnx.merge(graphdef, state), method)(*args))
+    return lambda *args: call(state, *args)
 
-    @jax.jit
-    def forward(state, tokens, image_index, image_mask, images):
-        return nnx.merge(graphdef, state)(tokens, image_index, image_mask, images)[0]
 
-    return lambda *args: forward(state, *args)
+def jit_forward(model):
+    """A jitted ``(tokens, image_index, image_mask, images) -> logits`` of a Flamingo ``model``."""
+    forward = jitted(model)
+    return lambda *args: forward(*args)[0]
 
 
 def encoded_image(colour, mode="RGB", fmt="JPEG", size=(24, 20)):

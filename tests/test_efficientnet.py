@@ -19,19 +19,11 @@ from flamingo_jax.importers.efficientnet import load_lite0
 from flamingo_jax.models.efficientnet import EfficientNet, EfficientNetConfig
 from flamingo_jax.models.flamingo import create_flamingo
 
+from conftest import jitted
+
 # ImageNet class indices: 281 tabby, 282 tiger cat, 285 Egyptian cat; 504 coffee mug,
 # 967 espresso, 968 cup; 657 missile, 744 projectile, 812 space shuttle.
 EXPECTED = {"chelsea": {281, 282, 285}, "coffee": {504, 967, 968}, "rocket": {657, 744, 812}}
-
-
-def jitted(module, method="__call__"):
-    """``module.method`` as one compiled program, the weights passed in (op by op, a network
-    compiles hundreds of small programs)."""
-    import jax
-
-    graphdef, state = nnx.split(module)
-    call = jax.jit(lambda state, *args: getattr(nnx.merge(graphdef, state), method)(*args))
-    return lambda *args: call(state, *args)
 
 
 @pytest.fixture(scope="module")
