@@ -19,6 +19,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from flamingo_jax.models import scan
+
 log = logging.getLogger(__name__)
 
 
@@ -66,11 +68,27 @@ def save_params(directory: str, params: dict[str, jax.Array]) -> None:
         checkpointer.save(os.path.abspath(directory), params, force=True)
 
 
-def load_params(directory: str, shardings: dict[str, jax.sharding.Sharding], shapes: dict[str, jax.ShapeDtypeStruct]):
+def read_params(directory: str) -> dict[str, np.ndarray]:
+    """Every entry of a parameter checkpoint, as host arrays."""
+    directory = os.path.abspath(directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no parameter checkpoint directory at {directory}")
+    with ocp.StandardCheckpointer() as checkpointer:
+        restored = checkpointer.restore(directory)
+    return {key: np.asarray(value) for key, value in restored.items()}
+
+
+def load_params(
+    directory: str,
+    shardings: dict[str, jax.sharding.Sharding],
+    shapes: dict[str, jax.ShapeDtypeStruct],
+    model_config=None,
+):
     """Loads the entries of a parameter checkpoint that the model has, onto ``shardings``.
 
     Returns {path: array} for the keys present in both; raises naming the first key whose shape
-    differs.
+    differs, or (given the ``model_config``) when its layers are stored in the other layout
+    (per layer / stacked, ``LlamaConfig.scan_layers``) than the model's.
     """
     directory = os.path.abspath(directory)
     if not os.path.isdir(directory):
@@ -79,6 +97,9 @@ def load_params(directory: str, shardings: dict[str, jax.sharding.Sharding], sha
         metadata = checkpointer.metadata(directory)
         tree = metadata.item_metadata if hasattr(metadata, "item_metadata") else metadata
         stored = dict(tree.tree if hasattr(tree, "tree") else tree)
+        mismatch = model_config is not None and scan.layout_mismatch(stored, model_config)
+        if mismatch:
+            raise ValueError(f"init_from {directory}: {mismatch}")
         wanted = {}
         for key, meta in stored.items():
             if key not in shapes:

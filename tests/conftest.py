@@ -40,9 +40,10 @@ def tiny_config():
 
 def set_gates(model, value: float) -> None:
     """Sets every tanh-gate alpha of the model's xattn blocks to ``value``."""
-    for block in model.xattn_layers:
-        block.attn_gate[...] = np.float32(value)
-        block.ffw_gate[...] = np.float32(value)
+    blocks = model.xattn_layers  # a list, or one stacked module (LlamaConfig.scan_layers)
+    for block in blocks if isinstance(blocks, nnx.List) else [blocks]:
+        block.attn_gate[...] = np.full(block.attn_gate.shape, value, np.float32)
+        block.ffw_gate[...] = np.full(block.ffw_gate.shape, value, np.float32)
 
 
 def make_batch(config, *, batch_size=2, length=12, num_media=3, num_frames=1, seed=0) -> Batch:

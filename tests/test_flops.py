@@ -69,3 +69,22 @@ def test_nfnet_flops_match_the_paper_and_xla():
 def test_peak_flops_table_and_cpu_measurement():
     peak, source = flops.peak_flops_per_step_second(jax.devices())
     assert peak > 1e9 and source == "measured CPU matmul"
+
+
+class _Device:
+    def __init__(self, kind, platform="tpu"):
+        self.device_kind, self.platform = kind, platform
+
+
+def test_peak_flops_of_accelerators_and_of_an_unknown_kind():
+    """Per-chip dense bf16 peaks for the accelerators a run may land on, summed over the chips; a
+    kind missing from the table gives no peak (the run reports no MFU) instead of stopping."""
+    for kind, per_chip in [
+        ("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5p", 459e12), ("TPU v6 lite", 918e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H200", 989e12),
+        ("NVIDIA B200", 2250e12),
+    ]:  # fmt: skip
+        peak, source = flops.peak_flops_per_step_second([_Device(kind)] * 4)
+        assert peak == 4 * per_chip and source == f"{kind} table"
+    peak, source = flops.peak_flops_per_step_second([_Device("TPU v9 imaginary")])
+    assert peak is None and "TPU v9 imaginary" in source

@@ -150,7 +150,7 @@ def test_remat_and_bf16_settings(eight_device_run):
     mesh = sharding.create_mesh(config.mesh)
     plain = eight_device_run[1][:1]
     remat = dataclasses.replace(
-        config, model=dataclasses.replace(config.model, lm=dataclasses.replace(config.model.lm, remat=True))
+        config, model=dataclasses.replace(config.model, lm=dataclasses.replace(config.model.lm, remat_policy="full"))
     )
     _, rematerialised = run_steps(remat, mesh, steps=1)
     np.testing.assert_allclose(rematerialised, plain, rtol=1e-6)

@@ -9,10 +9,12 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file
 
+from flamingo_jax.checkpointing import read_params
 from flamingo_jax.importers import clip, efficientnet, llama
 from flamingo_jax.importers import openflamingo as of_importer
 from flamingo_jax.importers.assign import assign
 from flamingo_jax.importers.weights import weights_path
+from flamingo_jax.models import scan
 from flamingo_jax.models.flamingo import Flamingo, FlamingoConfig
 from flamingo_jax.models.kinds import abstract_model
 from flamingo_jax.models.layers import CountingRngs
@@ -28,7 +30,7 @@ def llama_from_pretrained(path: str, **config_overrides) -> tuple[LlamaConfig, L
     config, params = loader(path, **config_overrides)
     with nnx.use_eager_sharding(False):
         model = LlamaLM(config, rngs=CountingRngs(0))
-    assign(model, params)
+    assign(model, scan.to_layout(params, config))
     return config, model
 
 
@@ -49,6 +51,7 @@ def pretrained_params(
     vision_open_clip=None,
     vision_efficientnet=None,
     openflamingo=None,
+    params=None,
     **openflamingo_tokens,
 ):
     """{Flamingo parameter path: array} from the given sources, checked against ``config``.
@@ -56,12 +59,16 @@ def pretrained_params(
     Each source is a path or a name registered in ``importers.weights.WEIGHTS``: ``lm`` (Hugging
     Face Llama directory or GGUF file), ``vision_hf`` (CLIPVisionModel safetensors directory),
     ``vision_open_clip`` (open_clip ``visual`` state dict), ``vision_efficientnet``
-    (``efficientnet_pytorch``-layout .pth), ``openflamingo`` (OpenFlamingo ``checkpoint.pt``)."""
+    (``efficientnet_pytorch``-layout .pth), ``openflamingo`` (OpenFlamingo ``checkpoint.pt``),
+    ``params`` (a parameter checkpoint of this project, in either layer layout)."""
+    checkpoint = params
     lm, vision_hf, vision_open_clip, vision_efficientnet, openflamingo = (
         None if spec is None else weights_path(spec)
         for spec in (lm, vision_hf, vision_open_clip, vision_efficientnet, openflamingo)
     )
     params = {}
+    if checkpoint:
+        params.update(read_params(checkpoint))
     if lm:
         loader = llama.load_gguf_llama if lm.endswith(".gguf") else llama.load_hf_llama
         lm_config, lm_params = loader(lm)
@@ -89,8 +96,9 @@ def pretrained_params(
         )
     if not params:
         raise ValueError(
-            "nothing to convert: give lm, vision_hf, vision_open_clip, vision_efficientnet or openflamingo"
+            "nothing to convert: give lm, vision_hf, vision_open_clip, vision_efficientnet, openflamingo or params"
         )
+    params = scan.to_layout(params, config)
     abstract = {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(abstract_model(config)))}
     for key, value in params.items():
         if key not in abstract:

@@ -11,8 +11,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from flamingo_jax.batch import NEW_TOKENS, Batch
+from flamingo_jax.models import scan
 from flamingo_jax.models.layers import CountingRngs
-from flamingo_jax.models.llama import KVCache, LlamaConfig, LlamaLM
+from flamingo_jax.models.llama import Inserts, KVCache, LlamaConfig, LlamaLM
 from flamingo_jax.models.resampler import PerceiverResampler, ResamplerConfig
 from flamingo_jax.models.vision import VisionConfig, build_vision_encoder
 from flamingo_jax.models.vit import ViTConfig
@@ -95,19 +96,19 @@ class Flamingo(nnx.Module):
             rngs=rngs,
         )
         self.lm = LlamaLM(config.lm, rngs=rngs)
-        self.xattn_layers = nnx.List(
-            [
-                GatedCrossAttentionBlock(
-                    config.xattn,
-                    config.lm.width,
-                    config.resampler.width,
-                    param_dtype=trainable_dtype,
-                    dtype=config.lm.dtype,
-                    rngs=rngs,
-                )
-                for _ in config.xattn_layer_indices
-            ]
-        )
+        blocks = [
+            GatedCrossAttentionBlock(
+                config.xattn,
+                config.lm.width,
+                config.resampler.width,
+                param_dtype=trainable_dtype,
+                dtype=config.lm.dtype,
+                rngs=rngs,
+            )
+            for _ in config.xattn_layer_indices
+        ]
+        # With scan_layers the blocks are stacked like the LM's layers and scanned with them.
+        self.xattn_layers = scan.stack(blocks) if config.lm.scan_layers else nnx.List(blocks)
         self.new_tokens = NewTokens(
             config.lm.width, tied=config.lm.tie_embeddings, param_dtype=trainable_dtype, rngs=rngs
         )
@@ -127,9 +128,16 @@ class Flamingo(nnx.Module):
         with jax.named_scope("resampler"):
             return self.resampler(features)
 
-    def media_kv(self, visual: jax.Array) -> tuple[tuple[jax.Array, jax.Array], ...]:
-        """Per xattn block (keys, values) of the visual tokens; cached once per prompt in decoding."""
+    def media_kv(self, visual: jax.Array):
+        """Per xattn block (keys, values) of the visual tokens; cached once per prompt in decoding.
+
+        A tuple with one (keys, values) per block; with ``lm.scan_layers`` one (keys, values)
+        pair stacked over the blocks on axis 1 (axis 0 stays the batch, which generation and
+        ranking repeat and reorder)."""
         with jax.named_scope("xattn"):
+            if self.config.lm.scan_layers:
+                graph, state = scan.split(self.xattn_layers)
+                return jax.vmap(lambda block: nnx.merge(graph, block).media_kv(visual), out_axes=1)(state)
             return tuple(block.media_kv(visual) for block in self.xattn_layers)
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
@@ -202,21 +210,25 @@ class Flamingo(nnx.Module):
         mask = media_attention_mask(
             image_index, image_mask, self.config.resampler.num_latents, self.config.xattn.attend
         )
-        blocks = {layer: position for position, layer in enumerate(self.config.xattn_layer_indices)}
+        stacked = self.config.lm.scan_layers  # media_kv stacked over the blocks on axis 1
 
-        def before_layer(index, hidden):
-            if index not in blocks:
-                return hidden
-            position = blocks[index]
+        def block(module, hidden, kv):
             with jax.named_scope("xattn"):
-                return self.xattn_layers[position](hidden, media_kv[position], mask)
+                return module(hidden, kv, mask)
 
+        inserts = Inserts(
+            layers=self.config.xattn_layer_indices,
+            every=self.config.xattn.every,
+            modules=self.xattn_layers,
+            inputs=jax.tree.map(lambda kv: jnp.moveaxis(kv, 1, 0), media_kv) if stacked else media_kv,
+            apply=block,
+        )
         hidden, cache = self.lm.backbone(
             hidden,
             input_mask=input_mask,
             positions=positions,
             cache=cache,
-            before_layer=before_layer,
+            inserts=inserts,
             layer_range=(start, self.config.lm.num_layers) if start else None,
         )
         return hidden, cache

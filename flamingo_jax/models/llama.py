@@ -1,20 +1,23 @@
 """Llama-family decoder LM (RMSNorm, RoPE, grouped-query attention, SwiGLU) with a KV cache.
 
 The Flamingo model runs this LM frozen and inserts GATED XATTN-DENSE blocks *before* chosen
-layers through the ``before_layer`` hook of :meth:`LlamaLM.backbone`; the LM itself knows
-nothing about images.
+layers through the ``inserts`` of :meth:`LlamaLM.backbone`; the LM itself knows nothing about
+images.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from flamingo_jax import sharding
-from flamingo_jax.models import layers
+from flamingo_jax.models import layers, scan
 
 _ACT = ("act_batch", "act_len", "act_embed")
 
@@ -24,6 +27,10 @@ class LlamaConfig:
     """Shape and numerics of a Llama-family decoder.
 
     ``param_dtype`` is the storage dtype of the (frozen) weights, ``dtype`` the activation dtype.
+    ``scan_layers`` stores the layers' weights stacked (a leading ``layers`` axis) and runs them
+    with one ``lax.scan`` (``flamingo_jax.models.scan``): one compiled layer instead of
+    ``num_layers``, and under FSDP one period's weights gathered at a time. ``remat_policy``
+    names what the backward pass keeps of each layer's forward pass (``scan.REMAT_POLICIES``).
     """
 
     vocab_size: int = 32000
@@ -38,9 +45,11 @@ class LlamaConfig:
     tie_embeddings: bool = False
     param_dtype: str = "float32"
     dtype: str = "float32"
-    remat: bool = False
+    scan_layers: bool = False
+    remat_policy: str = "none"
 
     def __post_init__(self):
+        scan.check_policy(self.remat_policy, "LlamaConfig")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"LlamaConfig: num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
@@ -107,9 +116,9 @@ class Attention(nnx.Module):
         config = self.config
         batch, length, _ = x.shape
         head_dim = config.dim_per_head
-        query = self.q_proj(x).reshape(batch, length, config.num_heads, head_dim)
-        key = self.k_proj(x).reshape(batch, length, config.num_kv_heads, head_dim)
-        value = self.v_proj(x).reshape(batch, length, config.num_kv_heads, head_dim)
+        query = checkpoint_name(self.q_proj(x), scan.QUERY).reshape(batch, length, config.num_heads, head_dim)
+        key = checkpoint_name(self.k_proj(x), scan.KEY).reshape(batch, length, config.num_kv_heads, head_dim)
+        value = checkpoint_name(self.v_proj(x), scan.VALUE).reshape(batch, length, config.num_kv_heads, head_dim)
         query = layers.apply_rope(query, positions, config.rope_theta)
         key = layers.apply_rope(key, positions, config.rope_theta)
         if layer_cache is not None:
@@ -119,7 +128,7 @@ class Attention(nnx.Module):
         key_slots = jnp.arange(key.shape[1])
         mask = (key_slots[None, :] <= query_slots[:, None])[None] & key_valid[:, None, :]
         out = layers.dot_product_attention(query, key, value, mask)
-        return self.o_proj(out.reshape(batch, length, -1)), (key, value)
+        return checkpoint_name(self.o_proj(out.reshape(batch, length, -1)), scan.OUT), (key, value)
 
 
 class MLP(nnx.Module):
@@ -152,11 +161,25 @@ class DecoderLayer(nnx.Module):
             return x + self.mlp(self.post_attention_norm(x)), new_cache
 
 
-def _run_layer(layer, x, positions, key_valid, query_slots):
-    return layer(x, positions, key_valid, query_slots, None, None)[0]
+@dataclasses.dataclass(frozen=True)
+class Inserts:
+    """Modules run before chosen LM layers: how Flamingo inserts its cross-attention blocks.
 
+    Attributes:
+      layers: ascending LM layer indices; ``apply(module, hidden, inputs[q])`` runs before layer
+        ``layers[q]``.
+      every: their spacing from the first one on (the repeating period a scanned LM runs).
+      modules: one module per index, or (``scan_layers``) one stacked module.
+      inputs: per-insert inputs: a tuple with one entry per index, or (``scan_layers``) a pytree
+        whose leaves are stacked on a leading axis.
+      apply: ``f(module, hidden, input) -> hidden``.
+    """
 
-_run_layer_remat = nnx.remat(_run_layer)
+    layers: tuple[int, ...]
+    every: int
+    modules: Any
+    inputs: Any
+    apply: Callable[[nnx.Module, jax.Array, Any], jax.Array]
 
 
 class LlamaLM(nnx.Module):
@@ -168,7 +191,8 @@ class LlamaLM(nnx.Module):
             nnx.initializers.normal(0.02)(rngs.params(), (config.vocab_size, config.width), config.param_dtype),
             out_sharding=("vocab", "embed"),
         )
-        self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
+        decoder_layers = [DecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)]
+        self.layers = scan.stack(decoder_layers) if config.scan_layers else nnx.List(decoder_layers)
         self.final_norm = layers.RMSNorm(config.width, eps=config.norm_eps, param_dtype=config.param_dtype)
         if not config.tie_embeddings:
             self.lm_head = layers.Dense(
@@ -198,7 +222,7 @@ class LlamaLM(nnx.Module):
         input_mask: jax.Array | None = None,
         positions: jax.Array | None = None,
         cache: KVCache | None = None,
-        before_layer=None,
+        inserts: Inserts | None = None,
         layer_range: tuple[int, int] | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Runs the decoder layers and the final norm.
@@ -209,15 +233,15 @@ class LlamaLM(nnx.Module):
           positions: int32[B, T] RoPE positions. Default: count of real tokens before each one
             (so left padding and cached decoding get the right positions).
           cache: a KVCache to append these T tokens to, or None for a plain causal pass.
-          before_layer: optional ``f(layer_index, hidden) -> hidden`` applied before each layer
-            (how Flamingo inserts its cross-attention blocks).
+          inserts: modules to run before chosen layers (:class:`Inserts`).
           layer_range: ``(start, stop)``: run only these layers (no cache); the final norm only
             when ``stop`` is the last layer. ``hidden`` is then the input of layer ``start``.
 
         Returns:
           (float[B, T, W] hidden states, final-normed when the last layer ran; updated cache or None).
         """
-        start_layer, stop_layer = layer_range or (0, self.config.num_layers)
+        config = self.config
+        start_layer, stop_layer = layer_range or (0, config.num_layers)
         if layer_range is not None and cache is not None:
             raise ValueError("LlamaLM.backbone: layer_range does not work with a KV cache")
         batch, length, _ = hidden.shape
@@ -235,27 +259,121 @@ class LlamaLM(nnx.Module):
             positions = past_tokens[:, None] + jnp.cumsum(input_mask, axis=1, dtype=jnp.int32) - 1
             positions = jnp.maximum(positions, 0)
         query_slots = start + jnp.arange(length, dtype=jnp.int32)
+        # The backward pass needs no remat when decoding (no cache -> a training or scoring pass).
+        policy = config.remat_policy if cache is None else "none"
+
+        def run_layer(layer, hidden, layer_cache):
+            hidden, new_cache = layer(hidden, positions, key_valid, query_slots, layer_cache, start)
+            return sharding.constrain(hidden, _ACT), new_cache
+
+        if config.scan_layers:
+            layer_graph, layer_state = scan.split(self.layers)
+            layer_at = lambda index: scan.take(layer_graph, layer_state, index)
+        else:
+            layer_at = lambda index: self.layers[index]
+        insert_slot = {layer: q for q, layer in enumerate(inserts.layers)} if inserts else {}
+        if inserts and config.scan_layers:
+            insert_graph, insert_state = scan.split(inserts.modules)
+            insert_at = lambda q: scan.take(insert_graph, insert_state, q)
+            insert_input = lambda q: jax.tree.map(lambda value: value[q], inserts.inputs)
+        elif inserts:
+            insert_at = lambda q: inserts.modules[q]
+            insert_input = lambda q: inserts.inputs[q]
+
+        new_caches: dict[int, tuple[jax.Array, jax.Array]] = {}
+
+        def unscanned(index, hidden):
+            if index in insert_slot:
+                q = insert_slot[index]
+                hidden = inserts.apply(insert_at(q), hidden, insert_input(q))
+            layer_cache = None if cache is None else (cache.keys[index], cache.values[index])
+
+            def layer_fn(layer, hidden):
+                return run_layer(layer, hidden, layer_cache)
+
+            if policy != "none":
+                hidden, kv = nnx.remat(layer_fn, policy=scan.REMAT_POLICIES[policy], prevent_cse=False)(
+                    layer_at(index), hidden
+                )
+            else:
+                hidden, kv = layer_fn(layer_at(index), hidden)
+            new_caches[index] = kv
+            return hidden
 
         hidden = sharding.constrain(hidden, _ACT)
-        new_keys, new_values = [], []
-        for index in range(start_layer, stop_layer):
-            layer = self.layers[index]
-            if before_layer is not None:
-                hidden = before_layer(index, hidden)
-            if cache is None and self.config.remat:
-                hidden = sharding.constrain(_run_layer_remat(layer, hidden, positions, key_valid, query_slots), _ACT)
-                continue
-            layer_cache = None if cache is None else (cache.keys[index], cache.values[index])
-            hidden, (keys, values) = layer(hidden, positions, key_valid, query_slots, layer_cache, start)
-            hidden = sharding.constrain(hidden, _ACT)
-            new_keys.append(keys)
-            new_values.append(values)
-        if stop_layer == self.config.num_layers:
+        first, periods, period = self._scanned_span(start_layer, stop_layer, inserts)
+        for index in range(start_layer, first):
+            hidden = unscanned(index, hidden)
+        if periods:
+            hidden = self._scan_periods(
+                hidden, first, periods, period, inserts, insert_slot, cache, new_caches, run_layer, policy
+            )
+        for index in range(first + periods * period, stop_layer):
+            hidden = unscanned(index, hidden)
+
+        if stop_layer == config.num_layers:
             hidden = self.final_norm(hidden)
         if cache is None:
             return hidden, None
-        new_cache = KVCache(tuple(new_keys), tuple(new_values), key_valid, start + length)
-        return hidden, new_cache
+        keys = tuple(new_caches[index][0] for index in range(config.num_layers))
+        values = tuple(new_caches[index][1] for index in range(config.num_layers))
+        return hidden, KVCache(keys, values, key_valid, start + length)
+
+    def _scanned_span(self, start: int, stop: int, inserts: Inserts | None) -> tuple[int, int, int]:
+        """(first layer, number of periods, period length) of the layers in ``[start, stop)`` a
+        scanned LM runs in its scan: whole periods from the first insert on (from ``start``
+        without inserts); the layers below and above run one by one. No periods unscanned."""
+        if not self.config.scan_layers:
+            return stop, 0, 1
+        if not inserts:
+            return start, stop - start, 1
+        inside = [layer for layer in inserts.layers if start <= layer < stop]
+        if not inside:
+            return stop, 0, 1
+        first, period = inside[0], inserts.every
+        periods = 0
+        while (
+            periods < len(inside)
+            and inside[periods] == first + periods * period
+            and first + (periods + 1) * period <= stop
+        ):
+            periods += 1
+        return first, periods, period
+
+    def _scan_periods(self, hidden, first, periods, period, inserts, insert_slot, cache, new_caches, run_layer, policy):
+        """The scan over ``periods`` periods of ``period`` layers from layer ``first`` (each
+        period: its insert, then its layers); the periods' new KV caches go into ``new_caches``."""
+        layer_graph, layer_state = scan.split(self.layers)
+        xs = {"layers": scan.segment(layer_state, first, periods, period)}
+        if inserts:
+            insert_graph, insert_state = scan.split(inserts.modules)
+            q = insert_slot[first]
+            take = lambda value: value[q : q + periods]
+            xs["insert"] = jax.tree.map(take, insert_state)
+            xs["input"] = jax.tree.map(take, inserts.inputs)
+        if cache is not None:
+            span = slice(first, first + periods * period)
+            fold = lambda arrays: jnp.stack(arrays[span]).reshape(periods, period, *arrays[0].shape)
+            xs["cache"] = (fold(cache.keys), fold(cache.values))
+
+        def body(hidden, xs):
+            if inserts:
+                hidden = inserts.apply(nnx.merge(insert_graph, xs["insert"]), hidden, xs["input"])
+            keys, values = [], []
+            for j in range(period):
+                layer = scan.take(layer_graph, xs["layers"], j)
+                layer_cache = None if cache is None else (xs["cache"][0][j], xs["cache"][1][j])
+                hidden, (key, value) = run_layer(layer, hidden, layer_cache)
+                keys.append(key)
+                values.append(value)
+            return hidden, (jnp.stack(keys), jnp.stack(values)) if cache is not None else None
+
+        hidden, stacked = jax.lax.scan(scan.remat(body, policy), hidden, xs)
+        if cache is not None:
+            for p in range(periods):
+                for j in range(period):
+                    new_caches[first + p * period + j] = (stacked[0][p, j], stacked[1][p, j])
+        return hidden
 
     def __call__(
         self,

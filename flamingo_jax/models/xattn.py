@@ -16,8 +16,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
-from flamingo_jax.models import layers
+from flamingo_jax.models import layers, scan
 from flamingo_jax.models.resampler import FeedForward
 
 PLACEMENTS = ("paper", "openflamingo")
@@ -141,10 +142,11 @@ class GatedCrossAttentionBlock(nnx.Module):
     def __call__(self, x: jax.Array, media_kv: tuple[jax.Array, jax.Array], mask: jax.Array) -> jax.Array:
         """x: float[B, T, W]; mask: bool[B, T, N * L] from :func:`media_attention_mask`."""
         batch, length, _ = x.shape
-        query = self.to_q(layers.apply_norm(self.norm, x)).reshape(batch, length, self.config.num_heads, self.head_dim)
+        query = checkpoint_name(self.to_q(layers.apply_norm(self.norm, x)), scan.QUERY)
+        query = query.reshape(batch, length, self.config.num_heads, self.head_dim)
         # Rows of a token with no visible image have no allowed key: dot_product_attention returns
         # exact zeros for them, so tokens before the first image get zero cross-attention output.
         attended = layers.dot_product_attention(query, media_kv[0], media_kv[1], mask)
-        attended = self.to_out(attended.reshape(batch, length, -1))
+        attended = checkpoint_name(self.to_out(attended.reshape(batch, length, -1)), scan.OUT)
         x = x + jnp.tanh(self.attn_gate[...]).astype(x.dtype) * attended
         return x + jnp.tanh(self.ffw_gate[...]).astype(x.dtype) * self.ffw(x)

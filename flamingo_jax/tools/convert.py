@@ -6,8 +6,10 @@ Sources (any subset; each a path or a registered weights name): ``--lm`` a Huggi
 directory or a ``.gguf`` file; ``--vision_hf`` a ``CLIPVisionModel`` directory (safetensors);
 ``--vision_open_clip`` an open_clip state dict (``.safetensors``, or ``.pt`` read with
 ``weights_only=True``); ``--vision_efficientnet`` an ``efficientnet_pytorch``-layout ``.pth``;
-``--openflamingo`` an OpenFlamingo ``checkpoint.pt``. Every converted array is checked against
-the model config's parameter shapes before anything is written.
+``--openflamingo`` an OpenFlamingo ``checkpoint.pt``; ``--params`` a parameter checkpoint of
+this project (one written by this tool, or a run's), rewritten in the layout the model config
+builds: per layer, or stacked with ``LlamaConfig.scan_layers=True``. Every converted array is
+checked against the model config's parameter shapes before anything is written.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ _VISION_HF = flags.DEFINE_string("vision_hf", None, "Hugging Face CLIPVisionMode
 _VISION_OPEN_CLIP = flags.DEFINE_string("vision_open_clip", None, "open_clip state dict file.")
 _VISION_EFFICIENTNET = flags.DEFINE_string("vision_efficientnet", None, "efficientnet_pytorch-layout .pth file.")
 _OPENFLAMINGO = flags.DEFINE_string("openflamingo", None, "OpenFlamingo checkpoint.pt.")
+_PARAMS = flags.DEFINE_string("params", None, "A parameter checkpoint of this project, in either layer layout.")
 _MEDIA_INDEX = flags.DEFINE_integer("openflamingo_media_token", None, "<image> id in the OpenFlamingo tokenizer.")
 _EOC_INDEX = flags.DEFINE_integer("openflamingo_endofchunk_token", None, "<|endofchunk|> id there.")
 _EMBED_KEY = flags.DEFINE_string("openflamingo_embeddings_key", None, "Input-embedding key in the checkpoint.")
@@ -56,6 +59,7 @@ def main(argv) -> None:
             vision_open_clip=_VISION_OPEN_CLIP.value,
             vision_efficientnet=_VISION_EFFICIENTNET.value,
             openflamingo=_OPENFLAMINGO.value,
+            params=_PARAMS.value,
             **tokens,
         )
     except (ValueError, FileNotFoundError, KeyError) as error:

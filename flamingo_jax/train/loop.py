@@ -142,7 +142,9 @@ def build_training(config: RunConfig, mesh) -> Training:
     if config.init_from:
         every = {**trainable, **frozen}
         shapes = {key: jax.ShapeDtypeStruct(value.shape, value.dtype) for key, value in every.items()}
-        loaded = checkpointing.load_params(config.init_from, {k: v.sharding for k, v in every.items()}, shapes)
+        loaded = checkpointing.load_params(
+            config.init_from, {k: v.sharding for k, v in every.items()}, shapes, config.model
+        )
         place = lambda key, value: loaded[key].astype(value.dtype)
         trainable, frozen = _overwrite(trainable, loaded, place), _overwrite(frozen, loaded, place)
         log.info("init_from %s: loaded %d parameter arrays", config.init_from, len(loaded))
@@ -240,7 +242,10 @@ def train(config: RunConfig, workdir: str) -> dict:
     first = dataset.first()  # reads and decodes a batch of every dataset: once
     dataset_flops = mixture_flops(config, first)
     dataset_tokens = {d.name: d.batch_size * first[d.name]["tokens"].shape[1] for d in config.datasets}
-    log.info("%.3g FLOPs per step; peak %.3g FLOP/s (%s)", sum(dataset_flops.values()), peak, peak_source)
+    if peak is None:
+        log.warning("%.3g FLOPs per step; %s", sum(dataset_flops.values()), peak_source)
+    else:
+        log.info("%.3g FLOPs per step; peak %.3g FLOP/s (%s)", sum(dataset_flops.values()), peak, peak_source)
 
     writer = MetricsWriter(
         workdir, total_steps=config.train_steps, resume_step=start_step, primary=jax.process_index() == 0
@@ -267,8 +272,9 @@ def train(config: RunConfig, workdir: str) -> dict:
                 record.update(
                     step_time_s=step_time,
                     tokens_per_s=sum(dataset_tokens[name] for name in local) / step_time,
-                    mfu=sum(dataset_flops[name] for name in local) / step_time / peak,
                 )
+                if peak is not None:
+                    record["mfu"] = sum(dataset_flops[name] for name in local) / step_time / peak
                 writer.write(done, record)
             writer.advance()
             if done % config.checkpoint_every == 0 or done == config.train_steps:
