@@ -117,9 +117,13 @@ def load_params(
 
 
 class PreemptionWatcher:
-    """Turns SIGTERM into a flag the train loop checks between steps (save, then stop).
+    """Tells the train loop, at each step, whether to save and stop for a preemption notice.
 
-    With several processes the flag is OR-ed across them, so every process saves the same step.
+    One process: SIGTERM sets a flag. Several processes: JAX's preemption sync point
+    (``multihost_utils.reached_preemption_sync_point``, the mechanism orbax's checkpoint manager
+    uses): the first SIGTERM any process receives reaches every process through the distributed
+    runtime's coordination service, and all of them return True at the same step. No collective
+    runs per step.
     """
 
     def __init__(self):
@@ -127,7 +131,9 @@ class PreemptionWatcher:
         self._previous = None
 
     def install(self) -> PreemptionWatcher:
-        if threading.current_thread() is threading.main_thread():
+        # With several processes JAX's own SIGTERM handler (installed by jax.distributed) is the
+        # notice; a Python handler would replace it.
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
@@ -135,11 +141,14 @@ class PreemptionWatcher:
         log.warning("SIGTERM received: saving a checkpoint after this step and stopping")
         self._event.set()
 
-    def should_stop(self) -> bool:
-        flag = self._event.is_set()
+    def should_stop(self, step: int) -> bool:
+        """Call after every step with its number (every process, the same numbers)."""
         if jax.process_count() > 1:
-            flag = bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).any())
-        return flag
+            if multihost_utils.reached_preemption_sync_point(step):
+                log.warning("preemption notice: saving a checkpoint at step %d and stopping", step)
+                return True
+            return False
+        return self._event.is_set()
 
     def uninstall(self) -> None:
         if self._previous is not None:

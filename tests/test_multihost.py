@@ -4,11 +4,12 @@ exactly like 1 process x 8 devices."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
 import numpy as np
-from test_main import main_command, run_main, without_timing
+from test_main import main_command, run_main, wait_for, without_timing
 
 from flamingo_jax.train.writer import read_metrics
 
@@ -42,3 +43,40 @@ def test_two_processes_match_one_process(tmp_path):
         for key in one:
             np.testing.assert_allclose(two[key], one[key], rtol=2e-5, atol=1e-7, err_msg=key)
     assert sorted(os.listdir(os.path.join(multi, "checkpoints"))) == ["2", "4"]
+
+
+def test_sigterm_to_one_process_stops_all_at_the_same_step(tmp_path):
+    """JAX's preemption sync point: a SIGTERM to process 1 alone reaches process 0 through the
+    coordination service; both save the same step and exit cleanly, and no step is lost."""
+    workdir = str(tmp_path / "multi")
+    bindings = ("TRAIN_STEPS=100000", "CHECKPOINT_EVERY=100000", "LOG_EVERY=1")
+    launcher = [sys.executable, os.path.join(REPO, "launch", "local.py"), "--num_processes=2"]
+    launcher += ["--devices_per_process=4", "--timeout_s=240", "--", *main_command(workdir, *bindings)]
+    launched = subprocess.Popen(launcher, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+
+    def logged_three():
+        if not os.path.exists(metrics_path):
+            return False
+        with open(metrics_path) as f:
+            return sum(1 for _ in f) >= 3
+
+    try:
+        wait_for(logged_three, 240, launched)
+        pattern = f"--workdir={workdir} .*--process_id=1"
+        found = subprocess.run(["pgrep", "-f", "--", pattern], capture_output=True, text=True)
+        pids = [int(pid) for pid in found.stdout.split()]
+        assert len(pids) == 1, found
+        os.kill(pids[0], signal.SIGTERM)
+        output, _ = launched.communicate(timeout=180)
+    finally:
+        if launched.poll() is None:
+            launched.kill()
+    assert launched.returncode == 0, output[-4000:]
+    notices = [line for line in output.splitlines() if "preemption notice: saving a checkpoint at step" in line]
+    assert {line.split("]")[0] for line in notices} == {"[process 0", "[process 1"}, output[-4000:]
+    steps = {line.rsplit("step ", 1)[1].split()[0] for line in notices}
+    assert len(steps) == 1
+    saved = [int(name) for name in os.listdir(os.path.join(workdir, "checkpoints")) if name.isdigit()]
+    assert saved == [int(steps.pop())]
+    assert max(r["step"] for r in read_metrics(workdir)) == saved[0]

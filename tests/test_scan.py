@@ -158,6 +158,7 @@ def _step_temporaries(config, batch) -> int:
     return compiled.memory_analysis().temp_size_in_bytes
 
 
+@pytest.mark.slow
 def test_fsdp_holds_one_periods_gathered_weights(tiny_config):
     """Doubling the depth of a scanned FSDP model adds the activations the added periods save,
     not their gathered weights (which the per-layer model does hold: the control)."""
@@ -191,3 +192,26 @@ def test_fsdp_holds_one_periods_gathered_weights(tiny_config):
     assert plain_growth > gathered_per_period  # the per-layer model holds every gathered layer
     assert scanned_growth <= 2 * saved_per_period, (scanned_growth, saved_per_period)
     assert scanned_growth < gathered_per_period / 4
+
+
+@pytest.mark.slow
+def test_scanned_train_step_matches_per_layer_step():
+    """Two steps of the smoke run (AdamW, gate learning-rate multipliers, gate metrics), FSDP over
+    8 devices: the same losses, metrics and updated parameters in both layouts."""
+    from test_train import run_steps, smoke_config
+
+    mesh = sharding.create_mesh(FSDP)
+    runs = {}
+    for scanned in (False, True):
+        config = smoke_config(f"LlamaConfig.scan_layers = {scanned}", "MeshConfig.fsdp = 8", "MeshConfig.data = 1")
+        training, losses = run_steps(config, mesh)
+        params = scan.unstack_params({k: np.asarray(v) for k, v in training.state.params.items()}, config.model)
+        runs[scanned] = losses, params, config.model
+    np.testing.assert_allclose(runs[True][0], runs[False][0], rtol=1e-5)
+    assert sorted(runs[True][1]) == sorted(runs[False][1])
+    for key, value in runs[False][1].items():
+        np.testing.assert_allclose(runs[True][1][key], value, atol=2e-6, err_msg=key)
+    from flamingo_jax.train.step import gate_values
+
+    stacked_gates = gate_values(scan.stack_params(runs[True][1], runs[True][2]))
+    assert stacked_gates.keys() == gate_values(runs[False][1]).keys() and "gate/1/ffw" in stacked_gates

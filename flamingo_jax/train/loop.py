@@ -253,20 +253,31 @@ def train(config: RunConfig, workdir: str) -> dict:
     watcher = checkpointing.PreemptionWatcher().install()
     preempted = False
     last_saved = latest
+    # The CPU backend deadlocks with many sharded steps in flight: there the host waits for every
+    # step. Elsewhere steps stay in flight, and the host waits only where it logs or saves.
+    sync_every_step = jax.default_backend() == "cpu"
+    window_start, window_steps = None, 0
     try:
         for step in range(start_step, config.train_steps):
             local = next(iterator)
             batches = global_batches(local, mesh, rules)
-            started = time.perf_counter()
+            if window_start is None:
+                window_start = time.perf_counter()
             step_metrics = training.step(batches)
-            # Block every step: the CPU backend deadlocks with many sharded steps in flight, and
-            # the step time below is only honest this way.
-            loss = float(step_metrics["loss"])
-            step_time = time.perf_counter() - started
+            window_steps += 1
             done = step + 1
+            log_now = done % config.log_every == 0 or done == config.train_steps
+            save_now = done % config.checkpoint_every == 0 or done == config.train_steps
+            stop_now = watcher.should_stop(done)
+            writer.advance()
+            if not (sync_every_step or log_now or save_now or stop_now):
+                continue
+            loss = float(step_metrics["loss"])  # waits for the step
+            step_time = (time.perf_counter() - window_start) / window_steps
+            window_start, window_steps = None, 0
             if not math.isfinite(loss):
                 raise FloatingPointError(f"step {done}: loss is {loss}; stopping before it reaches a checkpoint")
-            if done % config.log_every == 0 or done == config.train_steps:
+            if log_now:
                 record = jax.device_get(step_metrics)
                 record.update(iterator.skipped)
                 record.update(
@@ -276,11 +287,10 @@ def train(config: RunConfig, workdir: str) -> dict:
                 if peak is not None:
                     record["mfu"] = sum(dataset_flops[name] for name in local) / step_time / peak
                 writer.write(done, record)
-            writer.advance()
-            if done % config.checkpoint_every == 0 or done == config.train_steps:
+            if save_now:
                 checkpointer.save(done, training.state, iterator)
                 last_saved = done
-            if watcher.should_stop():
+            if stop_now:
                 if last_saved != done:
                     checkpointer.save(done, training.state, iterator)
                     last_saved = done

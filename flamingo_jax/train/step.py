@@ -25,12 +25,17 @@ class TrainState:
 
 
 def gate_values(params: FlatParams) -> dict[str, jax.Array]:
-    """tanh(alpha) of each xattn gate, keyed 'gate/<block>/attn' and 'gate/<block>/ffw'."""
+    """tanh(alpha) of each xattn gate, keyed 'gate/<block>/attn' and 'gate/<block>/ffw' (the
+    blocks' gates stacked in one array with ``LlamaConfig.scan_layers``)."""
     gates = {}
     for key, value in params.items():
         parts = key.split("/")
         if parts[0] == "xattn_layers" and parts[-1] in ("attn_gate", "ffw_gate"):
-            gates[f"gate/{parts[1]}/{parts[-1][:-5]}"] = jnp.tanh(value)
+            kind = parts[-1][: -len("_gate")]
+            if value.ndim == 0:
+                gates[f"gate/{parts[1]}/{kind}"] = jnp.tanh(value)
+            else:
+                gates.update({f"gate/{block}/{kind}": jnp.tanh(value[block]) for block in range(value.shape[0])})
     return gates
 
 
