@@ -58,13 +58,21 @@ def test_plan_matches_a_real_compile():
 
     # Model FLOPs split over 8 devices account for XLA's per-device count (no replicated work).
     assert real.flops == pytest.approx(extrapolated["model_flops_per_step"] / 8, rel=0.15)
+    assert extrapolated["xla_over_model_flops"] == pytest.approx(
+        extrapolated["xla_flops_per_device"] * 8 / extrapolated["model_flops_per_step"]
+    )
+    compute, comm = extrapolated["compute_s"], extrapolated["communication_s"]
+    assert extrapolated["overlapped_step_s"] == max(compute, comm) < extrapolated["step_s"] == compute + comm
+    assert extrapolated["overlapped_mfu"] > extrapolated["mfu"]
     text = plan.format_plan(extrapolated)
-    assert "fits in 16.00" in text and "MFU" in text
+    assert "fits in 16.00" in text and "MFU" in text and "overlapped with compute" in text
 
 
 def test_plan_needs_the_topologys_devices():
     with pytest.raises(ValueError, match="v5p-64 has 32 chips but only 8 devices"):
         plan.plan(_smoke([]), "v5p-64")
+    with pytest.raises(ValueError, match="scan_layers=False"):
+        plan.plan(_smoke(["LlamaConfig.scan_layers=True"]), "v5e-8")
 
 
 def test_plan_command_line(tmp_path):
