@@ -166,8 +166,8 @@ class Inserts:
     """Modules run before chosen LM layers: how Flamingo inserts its cross-attention blocks.
 
     Attributes:
-      layers: ascending LM layer indices; ``apply(module, hidden, inputs[q])`` runs before layer
-        ``layers[q]``.
+      layers: ascending LM layer indices; ``apply(module, hidden, inputs[slot])`` runs before
+        layer ``layers[slot]``.
       every: their spacing from the first one on (the repeating period a scanned LM runs).
       modules: one module per index, or (``scan_layers``) one stacked module.
       inputs: per-insert inputs: a tuple with one entry per index, or (``scan_layers``) a pytree
@@ -271,21 +271,21 @@ class LlamaLM(nnx.Module):
             layer_at = lambda index: scan.take(layer_graph, layer_state, index)
         else:
             layer_at = lambda index: self.layers[index]
-        insert_slot = {layer: q for q, layer in enumerate(inserts.layers)} if inserts else {}
+        insert_slot = {layer: slot for slot, layer in enumerate(inserts.layers)} if inserts else {}
         if inserts and config.scan_layers:
             insert_graph, insert_state = scan.split(inserts.modules)
-            insert_at = lambda q: scan.take(insert_graph, insert_state, q)
-            insert_input = lambda q: jax.tree.map(lambda value: value[q], inserts.inputs)
+            insert_at = lambda slot: scan.take(insert_graph, insert_state, slot)
+            insert_input = lambda slot: jax.tree.map(lambda value: value[slot], inserts.inputs)
         elif inserts:
-            insert_at = lambda q: inserts.modules[q]
-            insert_input = lambda q: inserts.inputs[q]
+            insert_at = lambda slot: inserts.modules[slot]
+            insert_input = lambda slot: inserts.inputs[slot]
 
         new_caches: dict[int, tuple[jax.Array, jax.Array]] = {}
 
         def unscanned(index, hidden):
             if index in insert_slot:
-                q = insert_slot[index]
-                hidden = inserts.apply(insert_at(q), hidden, insert_input(q))
+                slot = insert_slot[index]
+                hidden = inserts.apply(insert_at(slot), hidden, insert_input(slot))
             layer_cache = None if cache is None else (cache.keys[index], cache.values[index])
 
             def layer_fn(layer, hidden):
@@ -347,8 +347,8 @@ class LlamaLM(nnx.Module):
         xs = {"layers": scan.segment(layer_state, first, periods, period)}
         if inserts:
             insert_graph, insert_state = scan.split(inserts.modules)
-            q = insert_slot[first]
-            take = lambda value: value[q : q + periods]
+            slot = insert_slot[first]
+            take = lambda value: value[slot : slot + periods]
             xs["insert"] = jax.tree.map(take, insert_state)
             xs["input"] = jax.tree.map(take, inserts.inputs)
         if cache is not None:
@@ -360,9 +360,9 @@ class LlamaLM(nnx.Module):
             if inserts:
                 hidden = inserts.apply(nnx.merge(insert_graph, xs["insert"]), hidden, xs["input"])
             keys, values = [], []
-            for j in range(period):
-                layer = scan.take(layer_graph, xs["layers"], j)
-                layer_cache = None if cache is None else (xs["cache"][0][j], xs["cache"][1][j])
+            for offset in range(period):
+                layer = scan.take(layer_graph, xs["layers"], offset)
+                layer_cache = None if cache is None else (xs["cache"][0][offset], xs["cache"][1][offset])
                 hidden, (key, value) = run_layer(layer, hidden, layer_cache)
                 keys.append(key)
                 values.append(value)
@@ -370,9 +370,10 @@ class LlamaLM(nnx.Module):
 
         hidden, stacked = jax.lax.scan(scan.remat(body, policy), hidden, xs)
         if cache is not None:
-            for p in range(periods):
-                for j in range(period):
-                    new_caches[first + p * period + j] = (stacked[0][p, j], stacked[1][p, j])
+            keys, values = stacked
+            for number in range(periods):
+                for offset in range(period):
+                    new_caches[first + number * period + offset] = (keys[number, offset], values[number, offset])
         return hidden
 
     def __call__(

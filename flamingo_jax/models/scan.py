@@ -96,14 +96,18 @@ def segment(state: nnx.State, start: int, periods: int, period: int) -> nnx.Stat
 # ----------------------------------------------------------------------------------------------
 
 
+def _lm_config(config):
+    """The LlamaConfig of a FlamingoConfig (its ``lm``), or a LlamaConfig itself."""
+    return config.lm if hasattr(config, "xattn_layer_indices") else config
+
+
 def stacked_groups(config) -> tuple[tuple[str, int], ...]:
     """(prefix, count) of each stacked group of a Flamingo (or Llama) config with scan_layers:
-    ``lm/layers`` and ``xattn_layers``."""
-    lm = getattr(config, "lm", config)
-    groups = [("lm/layers" if lm is not config else "layers", lm.num_layers)]
-    if lm is not config:
-        groups.append(("xattn_layers", len(config.xattn_layer_indices)))
-    return tuple(groups)
+    ``lm/layers`` and ``xattn_layers`` (a LlamaLM's: ``layers``)."""
+    lm = _lm_config(config)
+    if lm is config:
+        return (("layers", lm.num_layers),)
+    return (("lm/layers", lm.num_layers), ("xattn_layers", len(config.xattn_layer_indices)))
 
 
 def stack_params(flat: dict[str, np.ndarray], config) -> dict[str, np.ndarray]:
@@ -130,15 +134,14 @@ def stack_params(flat: dict[str, np.ndarray], config) -> dict[str, np.ndarray]:
 def to_layout(flat: dict[str, np.ndarray], config) -> dict[str, np.ndarray]:
     """A parameter dict in either layout -> the layout ``config`` builds (stacked with
     ``scan_layers``, per layer without)."""
-    lm = getattr(config, "lm", config)
-    return stack_params(flat, config) if lm.scan_layers else unstack_params(flat, config)
+    return stack_params(flat, config) if _lm_config(config).scan_layers else unstack_params(flat, config)
 
 
 def layout_mismatch(keys, config) -> str | None:
     """A message when parameter paths ``keys`` hold a stacked group in the other layout than
     ``config`` builds (a checkpoint of the scanned model loaded into the unscanned one, or the
     reverse); None when they agree."""
-    lm = getattr(config, "lm", config)
+    lm = _lm_config(config)
     for prefix, _ in stacked_groups(config):
         heads = f"{prefix}/"
         inner = [key[len(heads) :].split("/")[0] for key in keys if key.startswith(heads)]

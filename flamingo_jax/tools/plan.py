@@ -156,16 +156,74 @@ _ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 
 _ITEMSIZE.update({"s64": 8, "u64": 8, "f64": 8})
 
 
+_HEADER = re.compile(r"^(ENTRY\s+)?%?(?P<name>[\w.\-]+)\s*\(.*->.*\{\s*$")
+_WHILE_BODY = re.compile(r"\bwhile\(.*\bbody=%?(?P<body>[\w.\-]+)")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(?P<n>\d+)"')
+_CALLED = re.compile(
+    r"\b(?:calls|to_apply|body|condition|branch_computations|called_computations)="
+    r"(?:\{(?P<several>[^}]*)\}|%?(?P<one>[\w.\-]+))"
+)
+
+
+def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
+    """({computation name: its instruction lines}, the entry's name) of HLO text; lines outside
+    any computation (a bare snippet) go to the entry ''."""
+    computations: dict[str, list[str]] = {"": []}
+    entry, current = None, ""
+    for line in hlo_text.splitlines():
+        header = _HEADER.match(line.strip())
+        if header:
+            current = header.group("name")
+            computations[current] = []
+            entry = current if header.group(1) else entry
+        elif line.strip() == "}":
+            current = ""
+        else:
+            computations[current].append(line)
+    return computations, entry
+
+
+def computation_runs(hlo_text: str) -> dict[str, float]:
+    """{computation name: how many times one run of the program runs it}: a while loop's body
+    runs its ``known_trip_count`` times per run of the computation holding the loop (XLA's
+    analyses count it once), anything else it calls once."""
+    computations, entry = _computations(hlo_text)
+    runs = {name: 0.0 for name in computations}
+    runs[""] = 1.0
+
+    def visit(name: str, times: float, depth: int = 0) -> None:
+        if name not in computations or depth > 64:
+            return
+        runs[name] += times
+        for line in computations[name]:
+            body = _WHILE_BODY.search(line)
+            trips = _TRIP_COUNT.search(line)
+            loop_body = body.group("body") if body else None
+            for called in _CALLED.finditer(line):
+                for callee in (called.group("several") or called.group("one")).split(","):
+                    callee = callee.strip().lstrip("%")
+                    factor = int(trips.group("n")) if callee == loop_body and trips else 1
+                    visit(callee, times * factor, depth + 1)
+
+    if entry is not None:
+        visit(entry, 1.0)
+    return runs
+
+
 def collectives_in(hlo_text: str) -> dict[str, dict[str, float]]:
-    """{op: {'count', 'bytes'}} of the collectives in compiled HLO text (bytes of their results)."""
+    """{op: {'count', 'bytes'}} of the collectives one run of compiled HLO text executes (bytes of
+    their results), those inside a while loop times its trip count."""
     found: dict[str, dict[str, float]] = {}
-    for match in _COLLECTIVE.finditer(hlo_text):
-        size = 0
-        for dtype, dims in _ARRAY.findall(match.group("shape")):
-            size += _ITEMSIZE[dtype] * math.prod(int(d) for d in dims.split(",") if d)
-        entry = found.setdefault(match.group("op"), {"count": 0, "bytes": 0.0})
-        entry["count"] += 1
-        entry["bytes"] += size
+    computations, _ = _computations(hlo_text)
+    runs = computation_runs(hlo_text)
+    for name, lines in computations.items():
+        for match in _COLLECTIVE.finditer("\n".join(lines)):
+            size = 0
+            for dtype, dims in _ARRAY.findall(match.group("shape")):
+                size += _ITEMSIZE[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+            entry = found.setdefault(match.group("op"), {"count": 0, "bytes": 0.0})
+            entry["count"] += runs[name]
+            entry["bytes"] += runs[name] * size
     return found
 
 
@@ -306,13 +364,6 @@ def plan(run_config, topology: str, depth: str = "auto", full_depth_layers: int 
     'auto' compiles the full model when its LM has at most ``full_depth_layers`` layers.
     """
     chip, num_chips = parse_topology(topology)
-    if run_config.model.lm.scan_layers:
-        # Measured: XLA's cost analysis and the collectives in the HLO text count a loop body
-        # once, and a one-period scan compiles without its loop, so the numbers come out wrong.
-        raise ValueError(
-            "the planner does not account for scanned layers yet (XLA's analyses count a scan's body "
-            "once); plan the same run with LlamaConfig.scan_layers=False"
-        )
     devices = jax.devices()
     if len(devices) < num_chips:
         raise ValueError(
@@ -324,7 +375,25 @@ def plan(run_config, topology: str, depth: str = "auto", full_depth_layers: int 
     full_layers, full_blocks = model.lm.num_layers, len(model.xattn_layer_indices)
     if depth == "auto":
         depth = "full" if full_layers <= full_depth_layers else "extrapolate"
-    if depth == "full":
+    if model.lm.scan_layers:
+        # The scanned step compiles at full depth in about the time of one period (its loop body
+        # is compiled once): memory and collectives (times the loop's trip count) come from it.
+        # XLA's cost analysis counts a loop body once, so the FLOPs come from the per-layer model
+        # (the same math), compiled at full depth or at one and two periods.
+        scanned = compile_step(run_config, mesh)
+        per_layer = dataclasses.replace(
+            run_config, model=dataclasses.replace(model, lm=dataclasses.replace(model.lm, scan_layers=False))
+        )
+        if depth == "full":
+            flops_compiles = [compile_step(per_layer, mesh)]
+            flops = flops_compiles[0].flops
+        else:
+            flops_compiles = [compile_step(with_depth(per_layer, periods), mesh) for periods in (1, 2)]
+            flops = extrapolate(*flops_compiles, full_layers, full_blocks).flops
+        compiles = [scanned, *flops_compiles]
+        compiled = dataclasses.replace(scanned, flops=flops, compile_s=sum(c.compile_s for c in compiles))
+        depth = "scanned"
+    elif depth == "full":
         compiles = [compile_step(run_config, mesh)]
         compiled = compiles[0]
     else:
@@ -366,11 +435,13 @@ def summarize(run_config, topology, chip, num_chips, mesh, depth, compiled: Comp
         "chips": num_chips,
         "mesh": dict(mesh.shape),
         "rules": run_config.mesh.rules,
-        "depth": (
-            "full"
-            if depth == "full"
-            else f"extrapolated from {run_config.model.xattn.every}- and "
-            f"{2 * run_config.model.xattn.every}-period compiles to {compiled.num_layers} layers"
+        "depth": {
+            "full": "full",
+            "scanned": "full, scanned (XLA FLOPs from the per-layer model)",
+        }.get(
+            depth,
+            f"extrapolated from one- and two-period compiles ({run_config.model.xattn.every} layers each) "
+            f"to {compiled.num_layers} layers",
         ),
         "lm_layers": compiled.num_layers,
         "xattn_blocks": compiled.num_blocks,
