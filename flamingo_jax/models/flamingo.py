@@ -136,7 +136,7 @@ class Flamingo(nnx.Module):
         ranking repeat and reorder)."""
         with jax.named_scope("xattn"):
             if self.config.lm.scan_layers:
-                graph, state = scan.split(self.xattn_layers)
+                graph, state = nnx.split(self.xattn_layers)
                 return jax.vmap(lambda block: nnx.merge(graph, block).media_kv(visual), out_axes=1)(state)
             return tuple(block.media_kv(visual) for block in self.xattn_layers)
 

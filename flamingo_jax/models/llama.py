@@ -267,13 +267,13 @@ class LlamaLM(nnx.Module):
             return sharding.constrain(hidden, _ACT), new_cache
 
         if config.scan_layers:
-            layer_graph, layer_state = scan.split(self.layers)
+            layer_graph, layer_state = nnx.split(self.layers)
             layer_at = lambda index: scan.take(layer_graph, layer_state, index)
         else:
             layer_at = lambda index: self.layers[index]
         insert_slot = {layer: slot for slot, layer in enumerate(inserts.layers)} if inserts else {}
         if inserts and config.scan_layers:
-            insert_graph, insert_state = scan.split(inserts.modules)
+            insert_graph, insert_state = nnx.split(inserts.modules)
             insert_at = lambda slot: scan.take(insert_graph, insert_state, slot)
             insert_input = lambda slot: jax.tree.map(lambda value: value[slot], inserts.inputs)
         elif inserts:
@@ -287,17 +287,12 @@ class LlamaLM(nnx.Module):
                 slot = insert_slot[index]
                 hidden = inserts.apply(insert_at(slot), hidden, insert_input(slot))
             layer_cache = None if cache is None else (cache.keys[index], cache.values[index])
+            graph, state = nnx.split(layer_at(index))
 
-            def layer_fn(layer, hidden):
-                return run_layer(layer, hidden, layer_cache)
+            def layer_fn(state, hidden):
+                return run_layer(nnx.merge(graph, state), hidden, layer_cache)
 
-            if policy != "none":
-                hidden, kv = nnx.remat(layer_fn, policy=scan.REMAT_POLICIES[policy], prevent_cse=False)(
-                    layer_at(index), hidden
-                )
-            else:
-                hidden, kv = layer_fn(layer_at(index), hidden)
-            new_caches[index] = kv
+            hidden, new_caches[index] = scan.remat(layer_fn, policy)(state, hidden)
             return hidden
 
         hidden = sharding.constrain(hidden, _ACT)
@@ -343,10 +338,10 @@ class LlamaLM(nnx.Module):
     def _scan_periods(self, hidden, first, periods, period, inserts, insert_slot, cache, new_caches, run_layer, policy):
         """The scan over ``periods`` periods of ``period`` layers from layer ``first`` (each
         period: its insert, then its layers); the periods' new KV caches go into ``new_caches``."""
-        layer_graph, layer_state = scan.split(self.layers)
+        layer_graph, layer_state = nnx.split(self.layers)
         xs = {"layers": scan.segment(layer_state, first, periods, period)}
         if inserts:
-            insert_graph, insert_state = scan.split(inserts.modules)
+            insert_graph, insert_state = nnx.split(inserts.modules)
             slot = insert_slot[first]
             take = lambda value: value[slot : slot + periods]
             xs["insert"] = jax.tree.map(take, insert_state)

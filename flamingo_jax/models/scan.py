@@ -73,12 +73,6 @@ def stack(modules: Sequence[nnx.Module]) -> nnx.Module:
     return nnx.merge(graphdef, nnx.from_flat_state([(p, stacked(p, v)) for p, v in nnx.to_flat_state(first)]))
 
 
-def split(module: nnx.Module) -> tuple[nnx.GraphDef, nnx.State]:
-    """(structure, stacked state) of a stacked module: the state's leaves carry the ``layers``
-    axis first and can be sliced or scanned over."""
-    return nnx.split(module)
-
-
 def take(graphdef: nnx.GraphDef, state: nnx.State, index) -> nnx.Module:
     """The module of layer ``index`` (an int or a traced index) of a stacked state."""
     return nnx.merge(graphdef, jax.tree.map(lambda value: value[index], state))
@@ -101,6 +95,12 @@ def _lm_config(config):
     return config.lm if hasattr(config, "xattn_layer_indices") else config
 
 
+def _first_part(key: str, heads: str) -> str:
+    """The path component after the group prefix ``heads``: a layer index in the per-layer
+    layout, a parameter name in the stacked one."""
+    return key[len(heads) :].split("/")[0]
+
+
 def stacked_groups(config) -> tuple[tuple[str, int], ...]:
     """(prefix, count) of each stacked group of a Flamingo (or Llama) config with scan_layers:
     ``lm/layers`` and ``xattn_layers`` (a LlamaLM's: ``layers``)."""
@@ -118,10 +118,8 @@ def stack_params(flat: dict[str, np.ndarray], config) -> dict[str, np.ndarray]:
     for prefix, count in stacked_groups(config):
         heads = f"{prefix}/"
         per_layer: dict[str, dict[int, np.ndarray]] = {}
-        for key in [k for k in out if k.startswith(heads)]:
+        for key in [k for k in out if k.startswith(heads) and _first_part(k, heads).isdigit()]:
             index, _, rest = key[len(heads) :].partition("/")
-            if not index.isdigit():
-                continue
             per_layer.setdefault(rest, {})[int(index)] = out.pop(key)
         for rest, layers in per_layer.items():
             missing = sorted(set(range(count)) - set(layers))
@@ -144,7 +142,7 @@ def layout_mismatch(keys, config) -> str | None:
     lm = _lm_config(config)
     for prefix, _ in stacked_groups(config):
         heads = f"{prefix}/"
-        inner = [key[len(heads) :].split("/")[0] for key in keys if key.startswith(heads)]
+        inner = [_first_part(key, heads) for key in keys if key.startswith(heads)]
         per_layer = any(part.isdigit() for part in inner)
         stacked = any(not part.isdigit() for part in inner)
         if (lm.scan_layers and per_layer) or (not lm.scan_layers and stacked):
@@ -162,7 +160,7 @@ def unstack_params(flat: dict[str, np.ndarray], config) -> dict[str, np.ndarray]
     out = dict(flat)
     for prefix, count in stacked_groups(config):
         heads = f"{prefix}/"
-        for key in [k for k in out if k.startswith(heads) and not k[len(heads) :].split("/")[0].isdigit()]:
+        for key in [k for k in out if k.startswith(heads) and not _first_part(k, heads).isdigit()]:
             value = out.pop(key)
             if value.shape[0] != count:
                 raise ValueError(f"unstack_params: {key} has {value.shape[0]} layers, the config {count}")

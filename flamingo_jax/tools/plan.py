@@ -187,7 +187,11 @@ def computation_runs(hlo_text: str) -> dict[str, float]:
     """{computation name: how many times one run of the program runs it}: a while loop's body
     runs its ``known_trip_count`` times per run of the computation holding the loop (XLA's
     analyses count it once), anything else it calls once."""
-    computations, entry = _computations(hlo_text)
+    return _runs(*_computations(hlo_text))
+
+
+def _runs(computations: dict[str, list[str]], entry: str | None) -> dict[str, float]:
+    """:func:`computation_runs` of already split HLO text."""
     runs = {name: 0.0 for name in computations}
     runs[""] = 1.0
 
@@ -214,8 +218,8 @@ def collectives_in(hlo_text: str) -> dict[str, dict[str, float]]:
     """{op: {'count', 'bytes'}} of the collectives one run of compiled HLO text executes (bytes of
     their results), those inside a while loop times its trip count."""
     found: dict[str, dict[str, float]] = {}
-    computations, _ = _computations(hlo_text)
-    runs = computation_runs(hlo_text)
+    computations, entry = _computations(hlo_text)
+    runs = _runs(computations, entry)
     for name, lines in computations.items():
         for match in _COLLECTIVE.finditer("\n".join(lines)):
             size = 0
