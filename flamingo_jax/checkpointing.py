@@ -9,7 +9,6 @@ every step: they are rebuilt bit-identically from the seed or from ``init_from``
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 
@@ -19,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from flamingo_jax import storage
 from flamingo_jax.models import scan
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ class Checkpointer:
     """Keeps the last ``keep`` checkpoints of a run in ``directory``."""
 
     def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        self.directory = storage.path(directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -65,13 +65,13 @@ class Checkpointer:
 def save_params(directory: str, params: dict[str, jax.Array]) -> None:
     """Writes a flat {path: array} parameter dict (e.g. converted pretrained weights)."""
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(os.path.abspath(directory), params, force=True)
+        checkpointer.save(storage.path(directory), params, force=True)
 
 
 def read_params(directory: str) -> dict[str, np.ndarray]:
     """Every entry of a parameter checkpoint, as host arrays."""
-    directory = os.path.abspath(directory)
-    if not os.path.isdir(directory):
+    directory = storage.path(directory)
+    if not directory.is_dir():
         raise FileNotFoundError(f"no parameter checkpoint directory at {directory}")
     with ocp.StandardCheckpointer() as checkpointer:
         restored = checkpointer.restore(directory)
@@ -90,8 +90,8 @@ def load_params(
     differs, or (given the ``model_config``) when its layers are stored in the other layout
     (per layer / stacked, ``LlamaConfig.scan_layers``) than the model's.
     """
-    directory = os.path.abspath(directory)
-    if not os.path.isdir(directory):
+    directory = storage.path(directory)
+    if not directory.is_dir():
         raise FileNotFoundError(f"init_from: no checkpoint directory at {directory}")
     with ocp.StandardCheckpointer() as checkpointer:
         metadata = checkpointer.metadata(directory)

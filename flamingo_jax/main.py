@@ -11,7 +11,6 @@ evaluates the latest checkpoint in ``DIR`` and writes ``DIR/eval/<task>_<step>.j
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 
@@ -19,7 +18,7 @@ import jax
 from absl import app, flags
 from absl import logging as absl_logging
 
-from flamingo_jax import configs
+from flamingo_jax import configs, storage
 from flamingo_jax.evaluation.run import evaluate_run
 from flamingo_jax.train.loop import train
 
@@ -66,15 +65,14 @@ def main(argv) -> None:
     except (ValueError, TypeError, FileNotFoundError) as error:
         sys.exit(f"flamingo_jax.main: configuration error: {error}")
     initialize_distributed()
-    workdir = os.path.abspath(_WORKDIR.value)
-    os.makedirs(workdir, exist_ok=True)
+    workdir = str(storage.path(_WORKDIR.value))  # a local directory or gs://bucket/run
     started = time.time()
     if _MODE.value == "eval":
         run_evaluation(run_config, eval_config, workdir, started)
         return
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.gin"), "w") as f:
-            f.write(configs.operative_config(_GIN_FILE.value, _GIN_BINDINGS.value))
+        config_text = configs.operative_config(_GIN_FILE.value, _GIN_BINDINGS.value)
+        storage.write_text(storage.path(workdir) / "config.gin", config_text)
     try:
         summary = train(run_config, workdir)
     except ValueError as error:

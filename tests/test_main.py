@@ -127,10 +127,9 @@ def test_sigterm_saves_a_checkpoint_and_loses_no_step(tmp_path):
     process = subprocess.Popen(
         main_command(workdir, *bindings), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
 
     def logged_five():
-        return os.path.exists(metrics_path) and sum(1 for _ in open(metrics_path)) >= 5
+        return len(read_metrics(workdir)) >= 5
 
     wait_for(logged_five, 300, process)
     process.send_signal(signal.SIGTERM)

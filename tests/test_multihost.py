@@ -53,13 +53,9 @@ def test_sigterm_to_one_process_stops_all_at_the_same_step(tmp_path):
     launcher = [sys.executable, os.path.join(REPO, "launch", "local.py"), "--num_processes=2"]
     launcher += ["--devices_per_process=4", "--timeout_s=240", "--", *main_command(workdir, *bindings)]
     launched = subprocess.Popen(launcher, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
 
     def logged_three():
-        if not os.path.exists(metrics_path):
-            return False
-        with open(metrics_path) as f:
-            return sum(1 for _ in f) >= 3
+        return len(read_metrics(workdir)) >= 3
 
     try:
         wait_for(logged_three, 240, launched)

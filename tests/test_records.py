@@ -108,7 +108,7 @@ def test_missing_source_fails_at_start(tmp_path):
 
 def test_training_run_on_a_webdataset_mixture_counts_skips(pairs_dir, tmp_path):
     """The entry point trains on real tar shards mixed with generated documents; skipped
-    records reach metrics.jsonl and the loss stays finite."""
+    records reach the metrics and the loss stays finite."""
     from test_main import run_main
 
     from flamingo_jax.train.writer import read_metrics

@@ -3,9 +3,7 @@ of a checkpoint (or of the training that just ran in this process)."""
 
 from __future__ import annotations
 
-import os
-
-from flamingo_jax import checkpointing, sharding
+from flamingo_jax import checkpointing, sharding, storage
 from flamingo_jax.train.loop import RunConfig, build_training
 from flamingo_jax.train.params import merge_model
 
@@ -33,7 +31,7 @@ def load_models(run_config: RunConfig, workdir: str, steps, trained: dict | None
         if trained is not None and step in (None, trained["step"]):
             step, params = trained["step"], trained["training"].state.params
         elif step != 0:
-            checkpointer = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+            checkpointer = checkpointing.Checkpointer(storage.path(workdir) / "checkpoints", async_save=False)
             try:
                 available = list(checkpointer.manager.all_steps())
                 if step is None:

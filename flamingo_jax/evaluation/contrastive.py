@@ -12,13 +12,13 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from flamingo_jax import storage
 from flamingo_jax.data.images import ImageConfig, image_config_for
 from flamingo_jax.evaluation.checkpoints import load_model
 from flamingo_jax.evaluation.fewshot import build_tasks, prepare_image
@@ -136,13 +136,9 @@ def evaluate_contrastive(run_config, eval_config, workdir: str, step: int | None
         for name, task in built.items()
     }
     record = {"tasks": list(built), "kind": "contrastive", "step": step, "metrics": metrics}
-    out_dir = os.path.join(workdir, "eval")
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"contrastive_{step}.json")
+    path = storage.path(workdir) / "eval" / f"contrastive_{step}.json"
     if jax.process_index() == 0:
-        with open(path + ".tmp", "w") as f:
-            json.dump(record, f, indent=1)
-        os.replace(path + ".tmp", path)
+        storage.write_text(path, json.dumps(record, indent=1))
     for name, values in metrics.items():
         log.info("contrastive step %d, %s: %s", step, name, ", ".join(f"{k} {v:.1f}" for k, v in values.items()))
-    return path
+    return str(path)

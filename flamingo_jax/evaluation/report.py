@@ -4,13 +4,13 @@ initialisation) and ``DIR/eval/report.png`` (images with what the model generate
 
 from __future__ import annotations
 
-import glob
+import io
 import json
 import logging
-import os
 
 import numpy as np
 
+from flamingo_jax import storage
 from flamingo_jax.train.writer import read_metrics
 
 log = logging.getLogger(__name__)
@@ -18,9 +18,9 @@ log = logging.getLogger(__name__)
 
 def _records(workdir: str) -> list[dict]:
     records = []
-    for path in sorted(glob.glob(os.path.join(workdir, "eval", "*_*.json"))):
-        with open(path) as f:
-            record = json.load(f)
+    directory = storage.path(workdir) / "eval"
+    for path in sorted(directory.glob("*_*.json")) if directory.exists() else ():
+        record = json.loads(path.read_text())
         if "results" in record and "task" in record:
             records.append(record)
     return records
@@ -70,8 +70,7 @@ def write_report(
     text = "\n".join(lines) + "\n"
     if tasks and _write_grid(workdir, records, tasks, images_per_task):
         text += "\n![predictions](report.png)\n"
-    with open(os.path.join(workdir, "eval", "report.md"), "w") as f:
-        f.write(text)
+    storage.write_text(storage.path(workdir) / "eval" / "report.md", text)
     return text
 
 
@@ -82,11 +81,9 @@ def _queries(record: dict) -> int:
 
 
 def _training_speed(workdir: str) -> str | None:
-    """'Training: N steps, median S s/step' from metrics.jsonl (the logged steps): with the step's
-    cost fixed by the config, it makes wall times comparable across machines; None without
+    """'Training: N steps, median S s/step' from the run's metrics (the logged steps): with the
+    step's cost fixed by the config, it makes wall times comparable across machines; None without
     logged steps."""
-    if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
-        return None
     rows = [r for r in read_metrics(workdir) if "step_time_s" in r]
     if not rows:
         return None
@@ -131,6 +128,8 @@ def _write_grid(workdir: str, records: list[dict], tasks: dict, per_task: int) -
         axis.imshow(np.asarray(image), cmap="gray")
         axis.set_title(title, fontsize=7)
     fig.tight_layout()
-    fig.savefig(os.path.join(workdir, "eval", "report.png"), dpi=70)
+    picture = io.BytesIO()
+    fig.savefig(picture, format="png", dpi=70)
+    storage.write_bytes(storage.path(workdir) / "eval" / "report.png", picture.getvalue())
     plt.close(fig)
     return True

@@ -12,12 +12,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 
 import jax
 
-from flamingo_jax import sharding
+from flamingo_jax import sharding, storage
 from flamingo_jax.data.images import image_config_for
 from flamingo_jax.evaluation import contrastive, fewshot, report, tasks
 from flamingo_jax.evaluation.checkpoints import load_models
@@ -47,8 +46,7 @@ def evaluate_steps(
             f"LlamaConfig.vocab_size is {run_config.model.lm.vocab_size}"
         )
     image_config = image_config_for(run_config.model.vision)
-    out_dir = os.path.join(workdir, "eval")
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = storage.path(workdir) / "eval"
     tasks_to_run = tasks_to_run or build_tasks(eval_config)
     outputs = []
     for model, step, mesh, rules in load_models(run_config, workdir, steps, trained):
@@ -59,11 +57,9 @@ def evaluate_steps(
             with sharding.activation_sharding(mesh, rules):
                 result = fewshot.evaluate_task(model, tokenizer, task, config, image_config=image_config)
             record = {"task": name, "kind": task.kind, "step": step, "config": dataclasses.asdict(config), **result}
-            path = os.path.join(out_dir, f"{name}_{step}.json")
+            path = out_dir / f"{name}_{step}.json"
             if jax.process_index() == 0:
-                with open(path + ".tmp", "w") as f:
-                    json.dump(record, f, indent=1)
-                os.replace(path + ".tmp", path)  # never a half-written file
+                storage.write_text(path, json.dumps(record, indent=1))
             for shots, values in result["results"].items():
                 metric = values["metric"]
                 log.info(
@@ -75,7 +71,7 @@ def evaluate_steps(
                     values[metric],
                     values[f"{metric}_std"],
                 )
-            written[name] = path
+            written[name] = str(path)
         outputs.append(written)
     return outputs
 
@@ -102,6 +98,7 @@ def evaluate_run(
     if jax.process_index() == 0:
         wall_time = None if started is None else time.time() - started
         text = report.write_report(workdir, wall_time_s=wall_time, tasks=built)
-        log.info("report: %s\n%s", os.path.join(workdir, "eval", "report.md"), text)
-        written.append(os.path.join(workdir, "eval", "report.md"))
+        report_path = str(storage.path(workdir) / "eval" / "report.md")
+        log.info("report: %s\n%s", report_path, text)
+        written.append(report_path)
     return written

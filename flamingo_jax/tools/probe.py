@@ -24,7 +24,6 @@ Writes ``DIR/eval/probe.json``.
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import jax
@@ -33,7 +32,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from flamingo_jax import configs
+from flamingo_jax import configs, storage
 from flamingo_jax.data.images import image_config_for
 from flamingo_jax.evaluation.checkpoints import load_models
 from flamingo_jax.evaluation.fewshot import EvalConfig, make_task, prepare_image
@@ -187,10 +186,8 @@ def main(argv) -> None:
         sys.exit(f"probe: {error}")
     print(format_results(results))
     if jax.process_index() == 0:
-        out_dir = os.path.join(args.workdir, "eval")
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "probe.json"), "w") as f:
-            json.dump({str(step): values for step, values in results.items()}, f, indent=1)
+        record = {str(step): values for step, values in results.items()}
+        storage.write_text(storage.path(args.workdir) / "eval" / "probe.json", json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import time
 
 import jax
@@ -18,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from flamingo_jax import checkpointing, flops, sharding
+from flamingo_jax import checkpointing, flops, sharding, storage
 from flamingo_jax.batch import Batch
 from flamingo_jax.data import mixture
 from flamingo_jax.data.images import image_config_for
@@ -75,7 +74,7 @@ class RunConfig:
         for name in ("data_workers", "data_threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"RunConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if self.init_from is not None and not os.path.isdir(self.init_from):
+        if self.init_from is not None and not storage.path(self.init_from).is_dir():
             raise FileNotFoundError(f"RunConfig.init_from: no checkpoint directory at {self.init_from!r}")
 
 
@@ -227,7 +226,7 @@ def train(config: RunConfig, workdir: str) -> dict:
     iterator = mixture.mixture_iterator(dataset, workers=config.data_workers, prefetch_threads=config.data_threads)
 
     checkpointer = checkpointing.Checkpointer(
-        os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints, async_save=config.async_checkpointing
+        storage.path(workdir) / "checkpoints", keep=config.keep_checkpoints, async_save=config.async_checkpointing
     )
     latest = checkpointer.latest_step()
     if latest is not None:
@@ -288,10 +287,12 @@ def train(config: RunConfig, workdir: str) -> dict:
                     record["mfu"] = sum(dataset_flops[name] for name in local) / step_time / peak
                 writer.write(done, record)
             if save_now:
+                writer.flush()  # what a resume from this checkpoint will not log again
                 checkpointer.save(done, training.state, iterator)
                 last_saved = done
             if stop_now:
                 if last_saved != done:
+                    writer.flush()
                     checkpointer.save(done, training.state, iterator)
                     last_saved = done
                 preempted = True
