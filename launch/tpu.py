@@ -2,7 +2,7 @@
 
   python launch/tpu.py create --name=flamingo --zone=us-east5-a --accelerator_type=v5p-64 [--spot] [--queued]
   python launch/tpu.py setup  --name=flamingo --zone=us-east5-a
-  python launch/tpu.py run    --name=flamingo --zone=us-east5-a --workdir=/mnt/shared/run -- \\
+  python launch/tpu.py run    --name=flamingo --zone=us-east5-a --workdir=gs://BUCKET/run -- \\
       --gin_file=runs/smoke_cpu.gin --gin.TRAIN_STEPS=1000
   python launch/tpu.py logs   --name=flamingo --zone=us-east5-a [--collect=./logs]
   python launch/tpu.py stop|delete --name=flamingo --zone=us-east5-a [--queued]
@@ -10,7 +10,8 @@
 Every subcommand takes ``--dry_run``: it prints the exact ``gcloud`` commands and runs nothing.
 ``run`` starts the same ``python -m flamingo_jax.main --distributed ...`` on every worker
 (``--worker=all``); ``jax.distributed.initialize()`` finds the other workers itself. The
-workdir must be a path every worker sees (an NFS / GCS-fuse mount). Locally, ``launch/local.py``
+workdir is a bucket path (``gs://BUCKET/run``, written through etils.epath and orbax) or a path
+every worker sees (an NFS mount). Locally, ``launch/local.py``
 runs the same command as N processes through ``jax.distributed``.
 """
 
@@ -102,7 +103,7 @@ def setup_commands(args) -> list[list[str]]:
 
 def run_command(args, main_args: list[str]) -> list[str]:
     if not args.workdir:
-        raise ValueError("run needs --workdir (a path every worker sees)")
+        raise ValueError("run needs --workdir (gs://BUCKET/run, or a path every worker sees)")
     env = " ".join(f"{key}={value}" for key, value in RUN_ENV.items())
     main = ["python", "-m", "flamingo_jax.main", "--distributed", f"--workdir={args.workdir}", *main_args]
     remote = f"cd {REMOTE_DIR} && nohup env {env} .venv/bin/{shlex.join(main)} > {REMOTE_LOG} 2>&1 &"
