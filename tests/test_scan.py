@@ -82,6 +82,45 @@ def test_scanned_model_matches_per_layer_model_under_fsdp(
         np.testing.assert_allclose(scanned_grads[key] / scale, value / scale, atol=1e-5, err_msg=key)
 
 
+@pytest.mark.parametrize("scanned", [False, True])
+def test_one_pass_over_several_datasets_gives_each_datasets_loss(tiny_config, scanned):
+    """``Flamingo.train_losses``: batches of other shapes and media counts, as streams through the
+    same layers, each get their own ``train_loss`` (with ``unique_rows`` below the first block and
+    ``target_capacity`` at the head), and the same gradients of the weighted sum."""
+    config = variant(tiny_config, layers=6, first_layer=1, scanned=scanned, policy="full" if scanned else "none")
+    model = create_flamingo(config, seed=0)
+    set_gates(model, 0.5)
+    batches = {
+        "documents": make_batch(config, batch_size=4, length=12, num_media=3, seed=1),
+        "pairs": make_batch(config, batch_size=2, length=8, num_media=1, seed=2),
+    }
+    options = {"documents": {"unique_rows": 4}, "pairs": {"target_capacity": 3}}
+    weights = {"documents": 1.0, "pairs": 0.2}
+    graphdef, state = nnx.split(model)
+
+    def joint(state):
+        losses = nnx.merge(graphdef, state).train_losses(batches, options)
+        return sum(weights[name] * loss for name, (loss, _) in losses.items()), losses
+
+    def one_by_one(state):
+        losses = {name: nnx.merge(graphdef, state).train_loss(b, **options[name]) for name, b in batches.items()}
+        return sum(weights[name] * loss for name, (loss, _) in losses.items()), losses
+
+    (_, joint_losses), joint_grads = jax.jit(jax.value_and_grad(joint, has_aux=True))(state)
+    (_, losses), grads = jax.jit(jax.value_and_grad(one_by_one, has_aux=True))(state)
+    assert list(joint_losses) == list(batches)
+    for name, (loss, count) in losses.items():
+        np.testing.assert_allclose(joint_losses[name][0], loss, rtol=1e-6, err_msg=name)
+        assert int(joint_losses[name][1]) == int(count) > 0
+    flat, joint_flat = dict(nnx.to_flat_state(grads)), dict(nnx.to_flat_state(joint_grads))
+    trained = [path for path in flat if path[0] in ("xattn_layers", "resampler", "new_tokens")]
+    assert trained
+    for path in trained:
+        value = np.asarray(flat[path].get_value())
+        scale = np.abs(value).max() + 1e-12
+        np.testing.assert_allclose(np.asarray(joint_flat[path].get_value()) / scale, value / scale, atol=1e-5)
+
+
 def test_scanned_model_generates_the_same_tokens(tiny_config):
     """Beam search: the cached media keys/values are repeated per beam and reordered with them."""
     config = variant(tiny_config, layers=6, first_layer=1)

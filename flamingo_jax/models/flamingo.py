@@ -207,21 +207,13 @@ class Flamingo(nnx.Module):
             if images is None:
                 raise ValueError("Flamingo needs either images or precomputed media_kv")
             media_kv = self.media_kv(self.encode_media(images))
-        mask = media_attention_mask(
-            image_index, image_mask, self.config.resampler.num_latents, self.config.xattn.attend
-        )
-        stacked = self.config.lm.scan_layers  # media_kv stacked over the blocks on axis 1
-
-        def block(module, hidden, kv):
-            with jax.named_scope("xattn"):
-                return module(hidden, kv, mask)
-
+        inputs, apply = self._block_inputs(image_index, image_mask, media_kv)
         inserts = Inserts(
             layers=self.config.xattn_layer_indices,
             every=self.config.xattn.every,
             modules=self.xattn_layers,
-            inputs=jax.tree.map(lambda kv: jnp.moveaxis(kv, 1, 0), media_kv) if stacked else media_kv,
-            apply=block,
+            inputs=inputs,
+            apply=apply,
         )
         hidden, cache = self.lm.backbone(
             hidden,
@@ -232,6 +224,21 @@ class Flamingo(nnx.Module):
             layer_range=(start, self.config.lm.num_layers) if start else None,
         )
         return hidden, cache
+
+    def _block_inputs(self, image_index: jax.Array, image_mask: jax.Array, media_kv):
+        """(the xattn blocks' inputs, ``apply(block, hidden, input)``) of one stream, as
+        :class:`Inserts` takes them: the media keys and values per block (stacked on axis 0 with
+        ``lm.scan_layers``), the stream's attention mask closed over."""
+        mask = media_attention_mask(
+            image_index, image_mask, self.config.resampler.num_latents, self.config.xattn.attend
+        )
+        stacked = self.config.lm.scan_layers  # media_kv stacked over the blocks on axis 1
+
+        def block(module, hidden, kv):
+            with jax.named_scope("xattn"):
+                return module(hidden, kv, mask)
+
+        return (jax.tree.map(lambda kv: jnp.moveaxis(kv, 1, 0), media_kv) if stacked else media_kv), block
 
     def head(self, hidden: jax.Array) -> jax.Array:
         """Final-normed hidden float[B, T, W] -> float32[B, T, lm.vocab_size + 2] logits."""
@@ -274,9 +281,57 @@ class Flamingo(nnx.Module):
         else:
             start, hidden = 0, self.embed_tokens(batch.tokens)
         hidden, _ = self._hidden_from(start, hidden, batch.image_index, batch.image_mask, batch.images)
+        return self._loss(hidden, batch, target_capacity)
+
+    def _loss(self, hidden: jax.Array, batch: Batch, target_capacity: int) -> tuple[jax.Array, jax.Array]:
+        """The loss of the final-normed hidden states of ``batch`` (see :meth:`train_loss`)."""
         if target_capacity and target_capacity < batch.tokens.shape[1] - 1:
             return target_loss(self.head, hidden, batch, target_capacity)
         return token_loss(self.head(hidden), batch)
+
+    def train_losses(
+        self, batches: dict[str, Batch], options: dict[str, dict] | None = None
+    ) -> dict[str, tuple[jax.Array, jax.Array]]:
+        """{dataset: ``train_loss`` of its batch} for the batches of a mixture step, computed in
+        one pass: every dataset's stream goes through the same LM layers from the first xattn
+        block on (:meth:`LlamaLM.backbone` with a tuple of streams), so a scanned LM reads (under
+        FSDP gathers) each period's weights once for all datasets in the forward pass and once
+        in the backward pass, instead of once per dataset. The layers below the first block run
+        per dataset (``unique_rows`` applies there). ``options``: {dataset: ``train_loss``
+        keyword arguments}. The same losses as :meth:`train_loss` on each batch."""
+        options = options or {}
+        if not self.config.xattn_layer_indices:
+            return {name: self.train_loss(batch, **options.get(name, {})) for name, batch in batches.items()}
+        start = min(self.config.xattn_layer_indices)
+        hiddens, inputs, applies = [], [], []
+        for name, batch in batches.items():
+            unique_rows = options.get(name, {}).get("unique_rows", 0)
+            if unique_rows:
+                hidden = self._below_first_block(batch.tokens, start, unique_rows)
+            else:
+                hidden = self.embed_tokens(batch.tokens)
+                if start:
+                    hidden = self.lm.backbone(hidden, layer_range=(0, start))[0]
+            hiddens.append(hidden)
+            stream_inputs, apply = self._block_inputs(
+                batch.image_index, batch.image_mask, self.media_kv(self.encode_media(batch.images))
+            )
+            inputs.append(stream_inputs)
+            applies.append(apply)
+        inserts = Inserts(
+            layers=self.config.xattn_layer_indices,
+            every=self.config.xattn.every,
+            modules=self.xattn_layers,
+            inputs=tuple(inputs),
+            apply=tuple(applies),
+        )
+        hiddens, _ = self.lm.backbone(
+            tuple(hiddens), inserts=inserts, layer_range=(start, self.config.lm.num_layers) if start else None
+        )
+        return {
+            name: self._loss(hidden, batch, options.get(name, {}).get("target_capacity", 0))
+            for (name, batch), hidden in zip(batches.items(), hiddens, strict=True)
+        }
 
 
 def token_loss(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:

@@ -29,16 +29,22 @@ class ModelKind:
     """``step_flops(config, batch_size, length, num_media, num_frames)``: analytic FLOPs of one
     dataset's batch in a train step. ``evaluation``: the evaluator ``--mode=eval`` runs
     ('fewshot': the registered few-shot tasks; 'retrieval': zero-shot retrieval and
-    classification of a two-tower model)."""
+    classification of a two-tower model). ``joint_pass(config)``: whether the train step runs
+    all the datasets of a step in one pass (the module's ``train_losses``) rather than one after
+    the other (see ``train.step.make_train_step``)."""
 
     name: str
     module: type[nnx.Module]
     step_flops: Callable[..., float]
     evaluation: str
+    joint_pass: Callable[..., bool] = lambda config: False
 
 
 KINDS: dict[type, ModelKind] = {
-    FlamingoConfig: ModelKind("flamingo", Flamingo, flops.train_step_flops, "fewshot"),
+    # A scanned Flamingo: each period's weights gathered once per pass for all datasets.
+    FlamingoConfig: ModelKind(
+        "flamingo", Flamingo, flops.train_step_flops, "fewshot", joint_pass=lambda config: config.lm.scan_layers
+    ),
     ContrastiveConfig: ModelKind(
         "contrastive",
         ContrastiveModel,

@@ -173,6 +173,9 @@ class Inserts:
       inputs: per-insert inputs: a tuple with one entry per index, or (``scan_layers``) a pytree
         whose leaves are stacked on a leading axis.
       apply: ``f(module, hidden, input) -> hidden``.
+
+    With several streams (:meth:`LlamaLM.backbone` given a tuple of hidden states), ``inputs``
+    and ``apply`` are tuples with one entry per stream, each as above.
     """
 
     layers: tuple[int, ...]
@@ -228,7 +231,11 @@ class LlamaLM(nnx.Module):
         """Runs the decoder layers and the final norm.
 
         Args:
-          hidden: float[B, T, W] input embeddings.
+          hidden: float[B, T, W] input embeddings; or a tuple of streams float[B_s, T_s, W] of
+            any shapes (one per dataset of a mixture step), run through the same layers one
+            after the other inside each layer (each period of a scanned LM): the layers' weights
+            are read, under FSDP gathered, once for all of them. Streams take no ``input_mask``,
+            ``positions`` or ``cache``, and the result is a tuple too.
           input_mask: bool[B, T], False for padding tokens (never attended to). Default all True.
           positions: int32[B, T] RoPE positions. Default: count of real tokens before each one
             (so left padding and cached decoding get the right positions).
@@ -244,27 +251,46 @@ class LlamaLM(nnx.Module):
         start_layer, stop_layer = layer_range or (0, config.num_layers)
         if layer_range is not None and cache is not None:
             raise ValueError("LlamaLM.backbone: layer_range does not work with a KV cache")
-        batch, length, _ = hidden.shape
-        if input_mask is None:
-            input_mask = jnp.ones((batch, length), bool)
-        if cache is None:
-            start = jnp.zeros((), jnp.int32)
-            past_tokens = jnp.zeros((batch,), jnp.int32)
-            key_valid = input_mask
-        else:
-            start = cache.end
-            past_tokens = cache.valid.sum(axis=1).astype(jnp.int32)
-            key_valid = jax.lax.dynamic_update_slice(cache.valid, input_mask, (0, start))
-        if positions is None:
-            positions = past_tokens[:, None] + jnp.cumsum(input_mask, axis=1, dtype=jnp.int32) - 1
-            positions = jnp.maximum(positions, 0)
-        query_slots = start + jnp.arange(length, dtype=jnp.int32)
+        streams = isinstance(hidden, tuple)
+        if streams and not (input_mask is None and positions is None and cache is None):
+            raise ValueError("LlamaLM.backbone: several streams take no input_mask, positions or cache")
+        start = jnp.zeros((), jnp.int32) if cache is None else cache.end
+        # Per stream: (RoPE positions, valid keys, the query rows' cache slots).
+        contexts = []
+        for stream in hidden if streams else (hidden,):
+            batch, length, _ = stream.shape
+            stream_mask = jnp.ones((batch, length), bool) if input_mask is None else input_mask
+            if cache is None:
+                past_tokens = jnp.zeros((batch,), jnp.int32)
+                key_valid = stream_mask
+            else:
+                past_tokens = cache.valid.sum(axis=1).astype(jnp.int32)
+                key_valid = jax.lax.dynamic_update_slice(cache.valid, stream_mask, (0, start))
+            stream_positions = positions
+            if stream_positions is None:
+                stream_positions = past_tokens[:, None] + jnp.cumsum(stream_mask, axis=1, dtype=jnp.int32) - 1
+                stream_positions = jnp.maximum(stream_positions, 0)
+            contexts.append((stream_positions, key_valid, start + jnp.arange(length, dtype=jnp.int32)))
         # The backward pass needs no remat when decoding (no cache -> a training or scoring pass).
         policy = config.remat_policy if cache is None else "none"
+        hiddens = hidden if streams else (hidden,)
+        if inserts and not streams:  # one stream: the single-stream form of the inserts
+            inserts = dataclasses.replace(inserts, inputs=(inserts.inputs,), apply=(inserts.apply,))
 
-        def run_layer(layer, hidden, layer_cache):
-            hidden, new_cache = layer(hidden, positions, key_valid, query_slots, layer_cache, start)
-            return sharding.constrain(hidden, _ACT), new_cache
+        def run_layer(layer, hiddens, layer_cache):
+            """The layer on every stream (one layer cache: one stream)."""
+            outputs, new_cache = [], None
+            for hidden, (stream_positions, key_valid, query_slots) in zip(hiddens, contexts, strict=True):
+                hidden, new_cache = layer(hidden, stream_positions, key_valid, query_slots, layer_cache, start)
+                outputs.append(sharding.constrain(hidden, _ACT))
+            return tuple(outputs), new_cache
+
+        def run_insert(module, hiddens, inputs):
+            """The insert on every stream, with its inputs for that stream."""
+            return tuple(
+                apply(module, hidden, stream_inputs)
+                for apply, hidden, stream_inputs in zip(inserts.apply, hiddens, inputs, strict=True)
+            )
 
         if config.scan_layers:
             layer_graph, layer_state = nnx.split(self.layers)
@@ -278,36 +304,37 @@ class LlamaLM(nnx.Module):
             insert_input = lambda slot: jax.tree.map(lambda value: value[slot], inserts.inputs)
         elif inserts:
             insert_at = lambda slot: inserts.modules[slot]
-            insert_input = lambda slot: inserts.inputs[slot]
+            insert_input = lambda slot: tuple(stream_inputs[slot] for stream_inputs in inserts.inputs)
 
         new_caches: dict[int, tuple[jax.Array, jax.Array]] = {}
 
-        def unscanned(index, hidden):
+        def unscanned(index, hiddens):
             if index in insert_slot:
                 slot = insert_slot[index]
-                hidden = inserts.apply(insert_at(slot), hidden, insert_input(slot))
+                hiddens = run_insert(insert_at(slot), hiddens, insert_input(slot))
             layer_cache = None if cache is None else (cache.keys[index], cache.values[index])
             graph, state = nnx.split(layer_at(index))
 
-            def layer_fn(state, hidden):
-                return run_layer(nnx.merge(graph, state), hidden, layer_cache)
+            def layer_fn(state, hiddens):
+                return run_layer(nnx.merge(graph, state), hiddens, layer_cache)
 
-            hidden, new_caches[index] = scan.remat(layer_fn, policy)(state, hidden)
-            return hidden
+            hiddens, new_caches[index] = scan.remat(layer_fn, policy)(state, hiddens)
+            return hiddens
 
-        hidden = sharding.constrain(hidden, _ACT)
+        hiddens = tuple(sharding.constrain(stream, _ACT) for stream in hiddens)
         first, periods, period = self._scanned_span(start_layer, stop_layer, inserts)
         for index in range(start_layer, first):
-            hidden = unscanned(index, hidden)
+            hiddens = unscanned(index, hiddens)
         if periods:
-            hidden = self._scan_periods(
-                hidden, first, periods, period, inserts, insert_slot, cache, new_caches, run_layer, policy
+            hiddens = self._scan_periods(
+                hiddens, first, periods, period, inserts, insert_slot, cache, new_caches, run_layer, run_insert, policy
             )
         for index in range(first + periods * period, stop_layer):
-            hidden = unscanned(index, hidden)
+            hiddens = unscanned(index, hiddens)
 
         if stop_layer == config.num_layers:
-            hidden = self.final_norm(hidden)
+            hiddens = tuple(self.final_norm(stream) for stream in hiddens)
+        hidden = hiddens if streams else hiddens[0]
         if cache is None:
             return hidden, None
         keys = tuple(new_caches[index][0] for index in range(config.num_layers))
@@ -335,9 +362,12 @@ class LlamaLM(nnx.Module):
             periods += 1
         return first, periods, period
 
-    def _scan_periods(self, hidden, first, periods, period, inserts, insert_slot, cache, new_caches, run_layer, policy):
+    def _scan_periods(
+        self, hiddens, first, periods, period, inserts, insert_slot, cache, new_caches, run_layer, run_insert, policy
+    ):
         """The scan over ``periods`` periods of ``period`` layers from layer ``first`` (each
-        period: its insert, then its layers); the periods' new KV caches go into ``new_caches``."""
+        period: its insert, then its layers, on every stream of ``hiddens``); the periods' new KV
+        caches go into ``new_caches``."""
         layer_graph, layer_state = nnx.split(self.layers)
         xs = {"layers": scan.segment(layer_state, first, periods, period)}
         if inserts:
@@ -351,25 +381,26 @@ class LlamaLM(nnx.Module):
             fold = lambda arrays: jnp.stack(arrays[span]).reshape(periods, period, *arrays[0].shape)
             xs["cache"] = (fold(cache.keys), fold(cache.values))
 
-        def body(hidden, xs):
+        def body(hiddens, xs):
             if inserts:
-                hidden = inserts.apply(nnx.merge(insert_graph, xs["insert"]), hidden, xs["input"])
+                hiddens = run_insert(nnx.merge(insert_graph, xs["insert"]), hiddens, xs["input"])
             keys, values = [], []
             for offset in range(period):
                 layer = scan.take(layer_graph, xs["layers"], offset)
                 layer_cache = None if cache is None else (xs["cache"][0][offset], xs["cache"][1][offset])
-                hidden, (key, value) = run_layer(layer, hidden, layer_cache)
-                keys.append(key)
-                values.append(value)
-            return hidden, (jnp.stack(keys), jnp.stack(values)) if cache is not None else None
+                hiddens, new_cache = run_layer(layer, hiddens, layer_cache)
+                if cache is not None:
+                    keys.append(new_cache[0])
+                    values.append(new_cache[1])
+            return hiddens, (jnp.stack(keys), jnp.stack(values)) if cache is not None else None
 
-        hidden, stacked = jax.lax.scan(scan.remat(body, policy), hidden, xs)
+        hiddens, stacked = jax.lax.scan(scan.remat(body, policy), hiddens, xs)
         if cache is not None:
             keys, values = stacked
             for number in range(periods):
                 for offset in range(period):
                     new_caches[first + number * period + offset] = (keys[number, offset], values[number, offset])
-        return hidden
+        return hiddens
 
     def __call__(
         self,

@@ -12,6 +12,7 @@ import optax
 
 from flamingo_jax import sharding
 from flamingo_jax.batch import Batch
+from flamingo_jax.models.kinds import kind_of
 from flamingo_jax.train.optimizer import learning_rate_schedule, opt_state_shardings
 from flamingo_jax.train.params import FlatParams, merge_model
 
@@ -40,16 +41,47 @@ def gate_values(params: FlatParams) -> dict[str, jax.Array]:
 
 
 def make_train_step(
-    graphdef, tx: optax.GradientTransformation, loss_weights: dict[str, float], schedule, loss_options=None
+    graphdef,
+    tx: optax.GradientTransformation,
+    loss_weights: dict[str, float],
+    schedule,
+    loss_options=None,
+    *,
+    joint: bool = False,
 ):
     """``step(state, frozen, batches) -> (state, metrics)`` for a {dataset name: Batch} mixture;
     datasets absent from ``batches`` (the 'sample' strategy) contribute nothing that step.
     ``loss_options``: {dataset name: keyword arguments of the model's ``train_loss``} for the
-    datasets that set any (``unique_rows``, ``target_capacity``)."""
+    datasets that set any (``unique_rows``, ``target_capacity``).
+
+    ``joint``: one forward and backward pass for all the datasets (the model's
+    ``train_losses``), which a scanned model needs so that FSDP gathers each period's weights
+    once per pass rather than once per dataset; otherwise one dataset's pass after the other's,
+    which holds one dataset's activations at a time."""
     loss_options = loss_options or {}
 
     def dataset_loss(params, frozen, batch: Batch, name: str):
         return merge_model(graphdef, params, frozen).train_loss(batch, **loss_options.get(name, {}))
+
+    def joint_loss(params, frozen, batches: dict[str, Batch]):
+        losses = merge_model(graphdef, params, frozen).train_losses(batches, loss_options)
+        return sum(loss_weights[name] * loss for name, (loss, _) in losses.items()), losses
+
+    def update(state: TrainState, grads, total, metrics):
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics.update(loss=total, grad_norm=optax.global_norm(grads), learning_rate=schedule(state.step))
+        metrics.update(gate_values(params))
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    def joint_step(state: TrainState, frozen: FlatParams, batches: dict[str, Batch]):
+        present = {name: batches[name] for name in loss_weights if name in batches}
+        (total, losses), grads = jax.value_and_grad(joint_loss, has_aux=True)(state.params, frozen, present)
+        metrics = {}
+        for name, (loss, count) in losses.items():
+            metrics[f"loss/{name}"] = loss
+            metrics[f"targets/{name}"] = count
+        return update(state, grads, total, metrics)
 
     def step(state: TrainState, frozen: FlatParams, batches: dict[str, Batch]):
         grads = jax.tree.map(jnp.zeros_like, state.params)
@@ -70,13 +102,9 @@ def make_train_step(
             total = total + weight * loss
             metrics[f"loss/{name}"] = loss
             metrics[f"targets/{name}"] = count
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics.update(loss=total, grad_norm=optax.global_norm(grads), learning_rate=schedule(state.step))
-        metrics.update(gate_values(params))
-        return TrainState(state.step + 1, params, opt_state), metrics
+        return update(state, grads, total, metrics)
 
-    return step
+    return joint_step if joint else step
 
 
 def train_state_shardings(tx, trainable: FlatParams, mesh) -> TrainState:
@@ -106,6 +134,7 @@ def jit_train_step(config, graphdef, tx, state_shardings: TrainState, frozen_sha
             loss_weights,
             learning_rate_schedule(config.optimizer),
             {dataset.name: options for dataset in config.datasets if (options := loss_options(dataset))},
+            joint=kind_of(config.model).joint_pass(config.model),
         ),
         in_shardings=(state_shardings, frozen_shardings, None),
         out_shardings=(state_shardings, state_shardings.step),
