@@ -20,14 +20,19 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# Activation names: act_batch, act_len, act_embed, act_heads, act_mlp, act_vocab.
+# Activation names: act_batch, act_len, act_embed, act_heads, act_mlp, act_vocab; media_batch,
+# the images the vision encoder reads, split over every mesh axis: the tensor axis splits the
+# LM's heads and MLPs but is one more batch axis to the (small, frozen) vision encoder, so no
+# chip encodes another's images.
 _BATCH = ("act_batch", ("data", "fsdp"))
+_MEDIA_BATCH = ("media_batch", ("data", "fsdp", "tensor"))
 RULE_SETS: dict[str, tuple[tuple[str, str | tuple[str, ...] | None], ...]] = {
     # Every weight replicated, the batch split over all devices.
-    "data_parallel": (_BATCH,),
+    "data_parallel": (_BATCH, _MEDIA_BATCH),
     # Weights split along their model width over 'fsdp' (ZeRO-3 style), batch over data x fsdp.
     "fsdp": (
         _BATCH,
+        _MEDIA_BATCH,
         ("embed", "fsdp"),
         ("media_embed", "fsdp"),
         ("vision_embed", "fsdp"),
@@ -36,6 +41,7 @@ RULE_SETS: dict[str, tuple[tuple[str, str | tuple[str, ...] | None], ...]] = {
     # FSDP plus Megatron-style tensor parallelism over heads / MLP / vocab.
     "fsdp_tensor": (
         _BATCH,
+        _MEDIA_BATCH,
         ("embed", "fsdp"),
         ("media_embed", "fsdp"),
         ("vision_embed", "fsdp"),
@@ -147,16 +153,28 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
-def map_over_batch(fn, x: jax.Array, *replicated_args):
+def shards_of(name: str) -> int:
+    """How many ways the active mesh splits a dimension of logical name ``name`` (1 outside
+    :func:`activation_sharding`)."""
+    active = _ACTIVE.get()
+    if active is None:
+        return 1
+    mesh, rules = active
+    spec = logical_to_spec((name,), rules)[0]
+    axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
+    return math.prod(mesh.shape[axis] for axis in axes)
+
+
+def map_over_batch(fn, x: jax.Array, *replicated_args, batch: str = "act_batch"):
     """``fn(x, *replicated_args)`` computed on each device's batch shard of ``x`` (shard_map), with
     the other arguments replicated; a plain call outside :func:`activation_sharding` or when the
     batch does not divide. For ops XLA's SPMD partitioner would otherwise run on the gathered
-    batch (grouped convolutions)."""
+    batch (grouped convolutions). ``batch``: the logical name of the batch dimension."""
     active = _ACTIVE.get()
     if active is None:
         return fn(x, *replicated_args)
     mesh, rules = active
-    spec = logical_to_spec(("act_batch",) + (None,) * (x.ndim - 1), rules, x.shape, mesh)
+    spec = logical_to_spec((batch,) + (None,) * (x.ndim - 1), rules, x.shape, mesh)
     if spec[0] is None:
         return fn(x, *replicated_args)
     in_specs = (spec,) + (PartitionSpec(),) * len(replicated_args)

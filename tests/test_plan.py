@@ -110,10 +110,11 @@ def test_plan_of_a_scanned_model():
     assert scanned["depth"].startswith("full, scanned")
     assert scanned["xla_flops_per_device"] == per_layer["xla_flops_per_device"]
     # The per-layer step gathers each weight once for the whole mixture (and holds it); the scanned
-    # one gathers a period's weights in each of its loops: forward and backward of each of the smoke
-    # run's two datasets. Counting each loop body once would give about the per-layer figure.
+    # one gathers a period's weights in each of its two loops, forward and backward, which carry
+    # both of the smoke run's datasets (one loop pair per dataset measured 2.5x-4.5x). Counting
+    # each loop body once would give about the per-layer figure.
     gathered, gathered_per_layer = (p["collectives"]["all-gather"]["bytes"] for p in (scanned, per_layer))
-    assert 2.5 * gathered_per_layer < gathered < 4.5 * gathered_per_layer
+    assert 1.5 * gathered_per_layer < gathered < 2.5 * gathered_per_layer
     assert scanned["memory_bytes"]["temporaries"] < per_layer["memory_bytes"]["temporaries"]
 
 

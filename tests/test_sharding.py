@@ -44,3 +44,33 @@ def test_logical_rules():
 def test_constrain_is_a_no_op_outside_a_rules_context():
     x = jax.numpy.ones((8, 4))
     assert sharding.constrain(x, ("act_batch", None)) is x
+
+
+def test_every_chip_encodes_its_own_images_over_the_tensor_axis_too(tiny_config):
+    """``media_batch``: under data 2 x fsdp 2 x tensor 2 the vision encoder splits the images over
+    all 8 devices (6 images padded to 8), where the LM's batch axes (data x fsdp) alone would not
+    divide them and every device would encode all of them; the visual tokens are unchanged."""
+    import numpy as np
+
+    from flamingo_jax.models.flamingo import create_flamingo
+    from flamingo_jax.train.params import init_params, merge_model
+
+    mesh = sharding.create_mesh(MeshConfig(data=2, fsdp=2, tensor=2, rules="fsdp_tensor"))
+    rules = sharding.RULE_SETS["fsdp_tensor"]
+    vision = tiny_config.vision
+    size = vision.image_size
+    images = np.random.default_rng(0).normal(size=(3, 2, 1, size, size, 3)).astype(np.float32)
+    with sharding.activation_sharding(mesh, rules):
+        assert sharding.shards_of("media_batch") == 8 and sharding.shards_of("act_batch") == 4
+        graphdef, trainable, frozen = init_params(tiny_config, mesh, rules, seed=0)
+
+    def encode(trainable, frozen, images):
+        with sharding.activation_sharding(mesh, rules):
+            return merge_model(graphdef, trainable, frozen).encode_media(images)
+
+    sharded = jax.jit(encode).lower(trainable, frozen, images).compile()
+    expected = jax.jit(create_flamingo(tiny_config, seed=0).encode_media)
+    np.testing.assert_allclose(sharded(trainable, frozen, images), expected(images), rtol=2e-5, atol=2e-5)
+    per_device = sharded.cost_analysis()["flops"]
+    single = expected.lower(images).compile().cost_analysis()["flops"]
+    assert per_device < 0.3 * single, (per_device, single)  # one image of 6 per device, not 6

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flamingo_jax import sharding
 from flamingo_jax.batch import NEW_TOKENS, Batch
 from flamingo_jax.models import scan
 from flamingo_jax.models.layers import CountingRngs
@@ -119,11 +120,20 @@ class Flamingo(nnx.Module):
         The vision encoder is frozen: no gradient flows into it (and XLA does no work for one).
         """
         batch, num_media, num_frames = images.shape[:3]
-        flat = images.reshape(batch * num_media * num_frames, *images.shape[3:])
+        count = batch * num_media * num_frames
+        flat = images.reshape(count, *images.shape[3:])
+        # Every chip encodes its own images, over the tensor axis too ('media_batch'): padded with
+        # blank images to a multiple of the chips (80B on 512 chips: 1280 M3W images -> 1536)
+        # rather than encoding the same images on every chip of a tensor group.
+        shards = sharding.shards_of("media_batch")
+        if count % shards:
+            flat = jnp.pad(flat, ((0, shards - count % shards),) + ((0, 0),) * (flat.ndim - 1))
+        flat = sharding.constrain(flat, ("media_batch",) + (None,) * (flat.ndim - 1))
         with jax.named_scope("vision"):
             features = self.vision(flat)
         if "vision" not in self.config.trainable:
             features = jax.lax.stop_gradient(features)
+        features = sharding.constrain(features, ("media_batch",) + (None,) * (features.ndim - 1))[:count]
         features = features.reshape(batch, num_media, num_frames, *features.shape[1:])
         with jax.named_scope("resampler"):
             return self.resampler(features)

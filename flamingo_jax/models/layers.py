@@ -124,7 +124,8 @@ def xla_conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1, groups: int = 1
             feature_group_count=groups,
         )
 
-    return sharding.map_over_batch(conv, x, kernel) if groups > 1 else conv(x, kernel)
+    # Convolutions are the vision encoders': their batch is the images, split over every axis.
+    return sharding.map_over_batch(conv, x, kernel, batch="media_batch") if groups > 1 else conv(x, kernel)
 
 
 def depthwise_conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
