@@ -21,18 +21,18 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Activation names: act_batch, act_len, act_embed, act_heads, act_mlp, act_vocab; media_batch,
-# the images the vision encoder reads, split over every mesh axis: the tensor axis splits the
-# LM's heads and MLPs but is one more batch axis to the (small, frozen) vision encoder, so no
-# chip encodes another's images.
+# the images the vision encoder reads, split over every mesh axis (media_split: a batch shard's
+# images over the tensor axis): the tensor axis splits the LM's heads and MLPs but is one more
+# batch axis to the (small, frozen) vision encoder, so no chip encodes another's images.
 _BATCH = ("act_batch", ("data", "fsdp"))
-_MEDIA_BATCH = ("media_batch", ("data", "fsdp", "tensor"))
+_MEDIA_BATCH = (("media_batch", ("data", "fsdp", "tensor")), ("media_split", "tensor"))
 RULE_SETS: dict[str, tuple[tuple[str, str | tuple[str, ...] | None], ...]] = {
     # Every weight replicated, the batch split over all devices.
-    "data_parallel": (_BATCH, _MEDIA_BATCH),
+    "data_parallel": (_BATCH, *_MEDIA_BATCH),
     # Weights split along their model width over 'fsdp' (ZeRO-3 style), batch over data x fsdp.
     "fsdp": (
         _BATCH,
-        _MEDIA_BATCH,
+        *_MEDIA_BATCH,
         ("embed", "fsdp"),
         ("media_embed", "fsdp"),
         ("vision_embed", "fsdp"),
@@ -41,7 +41,7 @@ RULE_SETS: dict[str, tuple[tuple[str, str | tuple[str, ...] | None], ...]] = {
     # FSDP plus Megatron-style tensor parallelism over heads / MLP / vocab.
     "fsdp_tensor": (
         _BATCH,
-        _MEDIA_BATCH,
+        *_MEDIA_BATCH,
         ("embed", "fsdp"),
         ("media_embed", "fsdp"),
         ("vision_embed", "fsdp"),

@@ -120,21 +120,31 @@ class Flamingo(nnx.Module):
         The vision encoder is frozen: no gradient flows into it (and XLA does no work for one).
         """
         batch, num_media, num_frames = images.shape[:3]
-        count = batch * num_media * num_frames
-        flat = images.reshape(count, *images.shape[3:])
-        # Every chip encodes its own images, over the tensor axis too ('media_batch'): padded with
-        # blank images to a multiple of the chips (80B on 512 chips: 1280 M3W images -> 1536)
-        # rather than encoding the same images on every chip of a tensor group.
-        shards = sharding.shards_of("media_batch")
-        if count % shards:
-            flat = jnp.pad(flat, ((0, shards - count % shards),) + ((0, 0),) * (flat.ndim - 1))
-        flat = sharding.constrain(flat, ("media_batch",) + (None,) * (flat.ndim - 1))
+        # Every chip encodes its own images, the tensor axis included: each batch shard's images
+        # (its rows' media and frames) are split over the tensor axis ('media_split'), padded with
+        # blank images to a multiple of it (80B, 16-way tensor: 40 M3W images per shard -> 48),
+        # rather than encoded on every chip of the tensor group. Images of the whole batch stay
+        # with their shard, so the visual tokens need a gather within the tensor group only.
+        groups = sharding.shards_of("act_batch")
+        groups = groups if batch % groups == 0 else 1
+        per_group = batch // groups * num_media * num_frames
+        split = sharding.shards_of("media_split")
+        padded = -(-per_group // split) * split
+        pixels = images.shape[3:]
+        grouped = images.reshape(groups, per_group, *pixels)
+        if padded != per_group:
+            grouped = jnp.pad(grouped, ((0, 0), (0, padded - per_group)) + ((0, 0),) * len(pixels))
+        grouped = sharding.constrain(grouped, ("act_batch", "media_split") + (None,) * len(pixels))
+        flat = sharding.constrain(grouped.reshape(groups * padded, *pixels), ("media_batch",) + (None,) * len(pixels))
         with jax.named_scope("vision"):
             features = self.vision(flat)
         if "vision" not in self.config.trainable:
             features = jax.lax.stop_gradient(features)
-        features = sharding.constrain(features, ("media_batch",) + (None,) * (features.ndim - 1))[:count]
-        features = features.reshape(batch, num_media, num_frames, *features.shape[1:])
+        rest = features.shape[1:]
+        features = features.reshape(groups, padded, *rest)
+        features = sharding.constrain(features, ("act_batch", "media_split") + (None,) * len(rest))[:, :per_group]
+        features = sharding.constrain(features, ("act_batch",) + (None,) * (len(rest) + 1))
+        features = features.reshape(batch, num_media, num_frames, *rest)
         with jax.named_scope("resampler"):
             return self.resampler(features)
 
