@@ -228,22 +228,26 @@ class Flamingo(nnx.Module):
                 raise ValueError("Flamingo needs either images or precomputed media_kv")
             media_kv = self.media_kv(self.encode_media(images))
         inputs, apply = self._block_inputs(image_index, image_mask, media_kv)
-        inserts = Inserts(
+        hidden, cache = self.lm.backbone(
+            hidden,
+            input_mask=input_mask,
+            positions=positions,
+            cache=cache,
+            inserts=self._inserts(inputs, apply),
+            layer_range=(start, self.config.lm.num_layers) if start else None,
+        )
+        return hidden, cache
+
+    def _inserts(self, inputs, apply) -> Inserts:
+        """The xattn blocks as :class:`Inserts` of the LM, with one stream's (or, as tuples,
+        every stream's) inputs and ``apply`` from :meth:`_block_inputs`."""
+        return Inserts(
             layers=self.config.xattn_layer_indices,
             every=self.config.xattn.every,
             modules=self.xattn_layers,
             inputs=inputs,
             apply=apply,
         )
-        hidden, cache = self.lm.backbone(
-            hidden,
-            input_mask=input_mask,
-            positions=positions,
-            cache=cache,
-            inserts=inserts,
-            layer_range=(start, self.config.lm.num_layers) if start else None,
-        )
-        return hidden, cache
 
     def _block_inputs(self, image_index: jax.Array, image_mask: jax.Array, media_kv):
         """(the xattn blocks' inputs, ``apply(block, hidden, input)``) of one stream, as
@@ -338,15 +342,10 @@ class Flamingo(nnx.Module):
             )
             inputs.append(stream_inputs)
             applies.append(apply)
-        inserts = Inserts(
-            layers=self.config.xattn_layer_indices,
-            every=self.config.xattn.every,
-            modules=self.xattn_layers,
-            inputs=tuple(inputs),
-            apply=tuple(applies),
-        )
         hiddens, _ = self.lm.backbone(
-            tuple(hiddens), inserts=inserts, layer_range=(start, self.config.lm.num_layers) if start else None
+            tuple(hiddens),
+            inserts=self._inserts(tuple(inputs), tuple(applies)),
+            layer_range=(start, self.config.lm.num_layers) if start else None,
         )
         return {
             name: self._loss(hidden, batch, options.get(name, {}).get("target_capacity", 0))

@@ -51,7 +51,7 @@ class MetricsWriter:
         if self._file is None or len(self._records) >= RECORDS_PER_FILE:
             self._file, self._records = _file_for(self.directory, record["step"]), []
         self._records.append(record)
-        storage.write_text(self._file, "".join(json.dumps(r) + "\n" for r in self._records))
+        storage.write_text(self._file, _json_lines(self._records))
         for key, value in record.items():
             if key != "step" and isinstance(value, float) and math.isfinite(value):
                 self._tensorboard.add_scalar(key, value, step)
@@ -83,6 +83,10 @@ def _plain(value):
     return float(value) if value.dtype.kind == "f" else int(value)
 
 
+def _json_lines(records: list[dict]) -> str:
+    return "".join(json.dumps(record) + "\n" for record in records)
+
+
 def _file_for(directory, first_step: int):
     return directory / f"{first_step:010d}.jsonl"
 
@@ -112,7 +116,7 @@ def _drop_after(directory, resume_step: int):
             file.unlink()
             continue
         if len(kept) != len(records):
-            storage.write_text(file, "".join(json.dumps(r) + "\n" for r in kept))
+            storage.write_text(file, _json_lines(kept))
         newest, newest_records = file, kept
     return newest, newest_records
 
