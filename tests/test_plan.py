@@ -4,6 +4,7 @@ against a real compile (full depth vs the extrapolation from two short depths)."
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from flamingo_jax import configs, sharding
@@ -29,9 +30,27 @@ def test_collectives_in_hlo_text():
       %not = f32[10]{0} add(%x, %y)
     """
     found = plan.collectives_in(hlo)
-    assert found["all-gather"] == {"count": 1, "bytes": 16 * 1024 * 2}
-    assert found["all-reduce"] == {"count": 2, "bytes": (8 + 16) * 4 + 10 * 4}
+    gathered = 16 * 1024 * 2
+    assert found["all-gather"] == {"count": 1, "bytes": gathered, "compiled_bytes": gathered, "sent": gathered}
+    all_reduced = (8 + 16) * 4 + 10 * 4
+    assert found["all-reduce"]["count"] == 2
+    assert found["all-reduce"]["bytes"] == found["all-reduce"]["compiled_bytes"] == all_reduced
     assert set(found) == {"all-gather", "all-reduce"}
+
+
+def test_bytes_sent_by_group_size():
+    """The group size in each of XLA's replica-group spellings, and what a device sends by ring."""
+    mesh = "all-gather(%a), replica_groups=mesh['axis_0'=16,'axis_1'=1,'axis_2'=4], device_ids=([4,16]T(1,0))"
+    assert plan.group_size(mesh + " {'axis_0'}, dimensions={0}") == 16
+    assert plan.group_size("replica_groups=mesh['axis_0'=4,'axis_1'=16,'axis_2'=2] {'axis_1','axis_2'}") == 32
+    assert plan.group_size("all-reduce(%a), replica_groups=[4,16]<=[64], to_apply=%add") == 16
+    assert plan.group_size("all-reduce(%a), replica_groups={{0,1},{2,3}}, to_apply=%add") == 2
+    assert plan.group_size("collective-permute(%a), source_target_pairs={{0,1}}") is None
+    assert plan.sent_per_device("all-gather", 160.0, 16) == 150.0
+    assert plan.sent_per_device("all-reduce", 160.0, 16) == 300.0
+    assert plan.sent_per_device("reduce-scatter", 10.0, 16) == 150.0
+    assert plan.sent_per_device("all-gather", 160.0, 1) == 0.0
+    assert plan.sent_per_device("collective-permute", 160.0, None) == 160.0
 
 
 def _smoke(bindings):
@@ -82,6 +101,9 @@ def test_collectives_in_a_loop_count_once_per_trip():
 
 %fused (q: f32[8]) -> f32[8] {
   %rs = f32[2]{0} reduce-scatter(f32[8]{0} %q), to_apply=%add
+  %param_0 = f32[4,3]{1,0} parameter(0)
+  %param_1 = f32[3,5]{1,0} parameter(1)
+  ROOT %dot.7 = f32[4,5]{1,0} dot(%param_0, %param_1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
 }
 
 %cond (p: (s32[], f32[8])) -> pred[] {
@@ -96,19 +118,66 @@ ENTRY %main (a: f32[8]) -> f32[8] {
     runs = plan.computation_runs(hlo)
     assert runs["main"] == 1 and runs["body"] == 10 and runs["fused"] == 10
     found = plan.collectives_in(hlo)
-    assert found["all-gather"] == {"count": 10, "bytes": 10 * 8 * 4}
-    assert found["reduce-scatter"] == {"count": 10, "bytes": 10 * 2 * 4}
-    assert found["all-reduce"] == {"count": 1, "bytes": 10 * 4}
+    assert found["all-gather"]["count"] == 10 and found["all-gather"]["bytes"] == 10 * 8 * 4
+    assert found["reduce-scatter"]["count"] == 10 and found["reduce-scatter"]["bytes"] == 10 * 2 * 4
+    assert found["all-reduce"]["count"] == 1 and found["all-reduce"]["bytes"] == 10 * 4
+    # XLA's cost analysis counts the body's matmul once; it runs 10 times.
+    assert plan.uncounted_loop_flops(hlo) == 9 * 2 * 4 * 5 * 3
+
+
+def test_collectives_of_bf16_values_count_at_bf16():
+    """XLA's CPU backend runs bf16 matmuls in fp32, so under FSDP it gathers an fp32 copy of a
+    weight the model casts to bf16, and under tensor parallelism it all-reduces the fp32 result
+    of a bf16 matmul: the planner counts both at 2 bytes per element, as a TPU moves them; an
+    fp32 matmul's all-reduce stays at 4."""
+    auto = jax.sharding.AxisType.Auto
+    mesh = jax.make_mesh((2, 2), ("fsdp", "tensor"), devices=jax.devices()[:4], axis_types=(auto, auto))
+    spec = lambda *names: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*names))
+
+    def loss(weight, frozen, x, x32, w32):
+        hidden = x @ weight.astype(jnp.bfloat16)  # FSDP: the weight gathered over fsdp
+        hidden = hidden @ frozen  # contracted over tensor: the bf16 result all-reduced
+        exact = x32 @ w32  # contracted over tensor in fp32: an fp32 all-reduce
+        return jnp.sum(hidden.astype(jnp.float32) ** 2) + jnp.sum(exact**2)
+
+    args = [
+        jax.ShapeDtypeStruct((256, 512), jnp.float32, sharding=spec("fsdp", None)),
+        jax.ShapeDtypeStruct((512, 128), jnp.bfloat16, sharding=spec("tensor", None)),
+        jax.ShapeDtypeStruct((64, 256), jnp.bfloat16, sharding=spec("fsdp", None)),
+        jax.ShapeDtypeStruct((64, 384), jnp.float32, sharding=spec(None, "tensor")),
+        jax.ShapeDtypeStruct((384, 96), jnp.float32, sharding=spec("tensor", None)),
+    ]
+    hlo = jax.jit(loss).lower(*args).compile().as_text()
+    found = plan.collectives_in(hlo)
+    gathered, reduced = found["all-gather"], found["all-reduce"]
+    assert gathered["compiled_bytes"] > 0 and gathered["bytes"] == gathered["compiled_bytes"] / 2
+    # XLA combines the two matmuls' all-reduces into one of a tuple: judged array by array.
+    assert 0 < reduced["compiled_bytes"] - reduced["bytes"] < reduced["compiled_bytes"] / 2
+
+
+def test_dot_flops_of_batched_and_tuple_shaped_lines():
+    lines = """
+  %a = bf16[2,32,24]{2,1,0} parameter(0)
+  %b = (f32[2,24,16]{2,1,0}, s32[]) parameter(1)
+  %c = f32[2,24,16]{2,1,0} get-tuple-element(%b), index=0
+  %d = f32[2,32,16]{2,1,0} dot(%a, %c), lhs_batch_dims={0}, lhs_contracting_dims={2}, rhs_batch_dims={0}
+  %e = f32[2,32,16]{2,1,0} add(%d, %d)
+""".splitlines()
+    assert plan.dot_flops(lines) == 2 * (2 * 32 * 16) * 24
 
 
 def test_plan_of_a_scanned_model():
-    """Scanned layers under FSDP: XLA's FLOPs from the per-layer model, the loop's collectives
-    counted once per period, and fewer temporaries than the per-layer model holds."""
+    """Scanned layers under FSDP: the loop's matmul FLOPs and collectives counted once per period
+    (the per-layer model's FLOPs, and the remat recompute on top), fewer temporaries than the
+    per-layer model holds."""
     bindings = ["LlamaConfig.num_layers=8", "MeshConfig.data=2", "MeshConfig.fsdp=4", "LlamaConfig.width=128"]
     per_layer = plan.plan(_smoke(bindings), "v5e-8", depth="full")
     scanned = plan.plan(_smoke([*bindings, "LlamaConfig.scan_layers=True"]), "v5e-8", depth="full")
     assert scanned["depth"].startswith("full, scanned")
-    assert scanned["xla_flops_per_device"] == per_layer["xla_flops_per_device"]
+    # XLA counts the loop body once; the planner adds its matmuls' other trips (the body's
+    # elementwise FLOPs, a few percent, stay counted once).
+    assert scanned["xla_flops_per_device"] == pytest.approx(per_layer["xla_flops_per_device"], rel=0.03)
+    assert scanned["compiles"][0]["flops"] == scanned["xla_flops_per_device"]
     # The per-layer step gathers each weight once for the whole mixture (and holds it); the scanned
     # one gathers a period's weights in each of its two loops, forward and backward, which carry
     # both of the smoke run's datasets (one loop pair per dataset measured 2.5x-4.5x). Counting
@@ -116,6 +185,13 @@ def test_plan_of_a_scanned_model():
     gathered, gathered_per_layer = (p["collectives"]["all-gather"]["bytes"] for p in (scanned, per_layer))
     assert 1.5 * gathered_per_layer < gathered < 2.5 * gathered_per_layer
     assert scanned["memory_bytes"]["temporaries"] < per_layer["memory_bytes"]["temporaries"]
+
+    # remat 'full' recomputes each period's forward pass in the backward one: a third more FLOPs
+    # (forward 2, backward 4, recompute 2 per weight and token), which XLA merges away in the
+    # per-layer model but not across the scan's two loops.
+    full = plan.plan(_smoke([*bindings, "LlamaConfig.scan_layers=True", "LlamaConfig.remat_policy='full'"]), "v5e-8")
+    assert 1.25 < full["xla_flops_per_device"] / scanned["xla_flops_per_device"] < 1.4
+    assert "(duplicated compute or remat)" in plan.format_plan(full)
 
 
 def test_plan_needs_the_topologys_devices():

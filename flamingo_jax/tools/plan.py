@@ -10,12 +10,16 @@ shardings); temporaries (activations kept for the backward pass, gradients, work
 XLA's memory analysis of the compiled step. A full-depth compile of a 70B LM takes too long on a
 laptop, so by default the step is compiled at one and two "periods" of the LM (``every`` layers
 and one xattn block each) and the per-period growth is extrapolated linearly to the full depth;
-the output says which.
+the output says which. A scanned model (``LlamaConfig.scan_layers``) compiles at full depth in
+about one period's time; XLA's analyses count a loop body once, so the planner counts the loop's
+collectives and matmul FLOPs once per trip from the compiled HLO (:func:`collectives_in`,
+:func:`uncounted_loop_flops`), remat recompute included.
 
 Caveats (printed with the table): XLA's CPU backend, not the TPU one, schedules and fuses the
-program, so the temporaries are an estimate (bf16 is kept, layouts and fusion differ); the
-projected step time assumes the chip's peak bf16 FLOP/s and collectives at the chip's ICI
-bandwidth without overlap.
+program, so the temporaries are an estimate (it runs bf16 matmuls in fp32; layouts and fusion
+differ); the projected step time assumes the chip's peak bf16 FLOP/s and collectives (the bytes
+each chip sends in ring algorithms) at the chip's ICI bandwidth, after the compute or hidden
+under it.
 """
 
 from __future__ import annotations
@@ -190,8 +194,9 @@ def computation_runs(hlo_text: str) -> dict[str, float]:
     return _runs(*_computations(hlo_text))
 
 
-def _runs(computations: dict[str, list[str]], entry: str | None) -> dict[str, float]:
-    """:func:`computation_runs` of already split HLO text."""
+def _runs(computations: dict[str, list[str]], entry: str | None, trips: bool = True) -> dict[str, float]:
+    """:func:`computation_runs` of already split HLO text (``trips=False``: loop bodies once, as
+    XLA's analyses count them)."""
     runs = {name: 0.0 for name in computations}
     runs[""] = 1.0
 
@@ -201,12 +206,12 @@ def _runs(computations: dict[str, list[str]], entry: str | None) -> dict[str, fl
         runs[name] += times
         for line in computations[name]:
             body = _WHILE_BODY.search(line)
-            trips = _TRIP_COUNT.search(line)
+            count = _TRIP_COUNT.search(line)
             loop_body = body.group("body") if body else None
             for called in _CALLED.finditer(line):
                 for callee in (called.group("several") or called.group("one")).split(","):
                     callee = callee.strip().lstrip("%")
-                    factor = int(trips.group("n")) if callee == loop_body and trips else 1
+                    factor = int(count.group("n")) if callee == loop_body and count and trips else 1
                     visit(callee, times * factor, depth + 1)
 
     if entry is not None:
@@ -214,20 +219,240 @@ def _runs(computations: dict[str, list[str]], entry: str | None) -> dict[str, fl
     return runs
 
 
-def collectives_in(hlo_text: str) -> dict[str, dict[str, float]]:
-    """{op: {'count', 'bytes'}} of the collectives one run of compiled HLO text executes (bytes of
-    their results), those inside a while loop times its trip count."""
-    found: dict[str, dict[str, float]] = {}
+_DEFINITION = re.compile(r"^\s*(?:ROOT\s+)?%(?P<name>[\w.\-]+)\s*=\s*(?P<shape>\([^=]*?\)|\S+)\s+(?P<op>[\w\-]+)\(")
+_DOT = re.compile(r"\bdot\(%(?P<lhs>[\w.\-]+),")
+_LHS_CONTRACTING = re.compile(r"lhs_contracting_dims=\{(?P<dims>[\d,]*)\}")
+
+
+def _dims(shape: str) -> list[int]:
+    match = _ARRAY.search(shape)
+    return [int(d) for d in match.group(2).split(",") if d] if match else []
+
+
+def dot_flops(lines: list[str]) -> float:
+    """FLOPs of the matmuls (``dot``) among one computation's HLO lines: 2 x result elements x
+    contracted size (the left operand's shape from its definition in the same computation)."""
+    shapes = {}
+    total = 0.0
+    for line in lines:
+        definition = _DEFINITION.match(line)
+        if not definition:
+            continue
+        shapes[definition.group("name")] = definition.group("shape")
+        dot = _DOT.search(line) if definition.group("op") == "dot" else None
+        if not dot:
+            continue
+        contracting = _LHS_CONTRACTING.search(line)
+        lhs = _dims(shapes.get(dot.group("lhs"), ""))
+        size = math.prod(lhs[int(d)] for d in contracting.group("dims").split(",") if d) if contracting else 1
+        total += 2.0 * math.prod(_dims(definition.group("shape"))) * size
+    return total
+
+
+def uncounted_loop_flops(hlo_text: str) -> float:
+    """The matmul FLOPs XLA's cost analysis leaves out of a program with loops: it counts a loop
+    body once per run of the computation holding the loop, while the body runs its trip count."""
     computations, entry = _computations(hlo_text)
     runs = _runs(computations, entry)
-    for name, lines in computations.items():
-        for match in _COLLECTIVE.finditer("\n".join(lines)):
-            size = 0
-            for dtype, dims in _ARRAY.findall(match.group("shape")):
-                size += _ITEMSIZE[dtype] * math.prod(int(d) for d in dims.split(",") if d)
-            entry = found.setdefault(match.group("op"), {"count": 0, "bytes": 0.0})
+    counted = _runs(computations, entry, trips=False)
+    return sum((runs[name] - counted[name]) * dot_flops(lines) for name, lines in computations.items())
+
+
+_OPERANDS = re.compile(r"%(?P<name>[\w.\-]+)")
+_INDEX = re.compile(r"\bindex=(\d+)")
+_PARAMETER = re.compile(r"\bparameter\((\d+)\)")
+_CALLS = re.compile(r"\bcalls=%(?P<callee>[\w.\-]+)")
+# Ops that pass values on unchanged (a convert seen through them is the value's precision).
+_MOVES = {"bitcast", "reshape", "copy", "transpose", "dynamic-slice", "slice", "broadcast"}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Instruction:
+    name: str
+    shape: str
+    op: str
+    operands: tuple[str, ...]
+    line: str
+
+
+def _instructions(lines: list[str]) -> dict[str, _Instruction]:
+    """{name: instruction} of one computation's HLO lines (ROOT under the key '')."""
+    found = {}
+    for line in lines:
+        definition = _DEFINITION.match(line)
+        if not definition:
+            continue
+        rest = line[definition.end() :]
+        arguments = rest[: rest.find(")")] if ")" in rest else rest
+        operands = tuple(match.group("name") for match in _OPERANDS.finditer(arguments))
+        instruction = _Instruction(
+            definition.group("name"), definition.group("shape"), definition.group("op"), operands, line
+        )
+        found[instruction.name] = instruction
+        if line.lstrip().startswith("ROOT"):
+            found[""] = instruction
+    return found
+
+
+def _is_bf16(shape: str) -> bool:
+    return shape.startswith("bf16[")
+
+
+class _Program:
+    """Compiled HLO text split into computations, with what each instruction is and uses."""
+
+    def __init__(self, hlo_text: str):
+        self.computations, self.entry = _computations(hlo_text)
+        self.instructions = {name: _instructions(lines) for name, lines in self.computations.items()}
+        self._users_of: dict[str, dict[str, list[_Instruction]]] = {}
+
+    def _users(self, computation: str) -> dict[str, list[_Instruction]]:
+        """{name: the instructions using it} in one computation."""
+        if computation not in self._users_of:
+            users: dict[str, list[_Instruction]] = {}
+            for key, instruction in self.instructions[computation].items():
+                if key:  # the ROOT entry '' repeats an instruction
+                    for operand in dict.fromkeys(instruction.operands):
+                        users.setdefault(operand, []).append(instruction)
+            self._users_of[computation] = users
+        return self._users_of[computation]
+
+    def _widened_from_bf16(self, computation: str, name: str, depth: int = 0) -> bool:
+        """Whether ``name``'s value is a bf16 value widened (convert, through moves and fusions)."""
+        instruction = self.instructions[computation].get(name)
+        if instruction is None or depth > 8:
+            return False
+        if instruction.op == "convert":
+            operand = self.instructions[computation].get(instruction.operands[0]) if instruction.operands else None
+            return operand is not None and _is_bf16(operand.shape)
+        if instruction.op in _MOVES and instruction.operands:
+            return self._widened_from_bf16(computation, instruction.operands[0], depth + 1)
+        if instruction.op == "fusion":
+            callee = _CALLS.search(instruction.line)
+            root = self.instructions.get(callee.group("callee"), {}).get("") if callee else None
+            return root is not None and self._widened_from_bf16(callee.group("callee"), root.name, depth + 1)
+        return False
+
+    def _narrowed_to_bf16(self, computation: str, name: str, depth: int = 0) -> bool:
+        """Whether every use of ``name``'s value rounds it to bf16 first (through moves and into
+        fusions)."""
+        users = self._users(computation).get(name, [])
+        if not users or depth > 8:
+            return False
+        for user in users:
+            if user.op == "convert" and _is_bf16(user.shape):
+                continue
+            if user.op in _MOVES and self._narrowed_to_bf16(computation, user.name, depth + 1):
+                continue
+            callee = _CALLS.search(user.line) if user.op == "fusion" else None
+            if callee and callee.group("callee") in self.instructions:
+                inner = self.instructions[callee.group("callee")]
+                index = user.operands.index(name)
+                parameter = next(
+                    (
+                        i.name
+                        for i in inner.values()
+                        if _PARAMETER.search(i.line)
+                        and int(_PARAMETER.search(i.line).group(1)) == index
+                        and i.op == "parameter"
+                    ),
+                    None,
+                )
+                if parameter and self._narrowed_to_bf16(callee.group("callee"), parameter, depth + 1):
+                    continue
+            return False
+        return True
+
+    def tpu_itemsizes(self, computation: str, instruction: _Instruction) -> list[int]:
+        """Bytes per element of each array a collective returns, as a TPU moves it: 2 for an fp32
+        array of bf16 values that the CPU backend widened (it runs bf16 matmuls in fp32, so it
+        gathers or reduces their fp32 operands or results), else the compiled dtype's size.
+        A combined collective (a tuple) is judged array by array."""
+        arrays = _ARRAY.findall(instruction.shape)
+        sizes = []
+        for index, (dtype, _) in enumerate(arrays):
+            bf16 = False
+            if dtype == "f32" and index < len(instruction.operands):
+                bf16 = self._widened_from_bf16(computation, instruction.operands[index])
+                if not bf16 and len(arrays) == 1:
+                    bf16 = self._narrowed_to_bf16(computation, instruction.name)
+                elif not bf16:
+                    parts = [
+                        user
+                        for user in self._users(computation).get(instruction.name, [])
+                        if user.op == "get-tuple-element"
+                        and _INDEX.search(user.line)
+                        and int(_INDEX.search(user.line).group(1)) == index
+                    ]
+                    bf16 = bool(parts) and all(self._narrowed_to_bf16(computation, part.name) for part in parts)
+            sizes.append(2 if bf16 else _ITEMSIZE[dtype])
+        return sizes
+
+
+_MESH_GROUPS = re.compile(r"replica_groups=mesh\[(?P<axes>[^\]]*)\]")
+_MESH_AXES = re.compile(r"'(?P<axis>[\w.]+)'=(?P<size>\d+)")
+_OVER_AXES = re.compile(r"\{(?P<axes>'[\w.]+'(?:,\s*'[\w.]+')*)\}")
+_IOTA_GROUPS = re.compile(r"replica_groups=\[(?P<dims>[\d,]+)\]<=")
+_LIST_GROUPS = re.compile(r"replica_groups=\{\{(?P<first>[\d,]*)\}")
+
+
+def group_size(line: str) -> int | None:
+    """How many devices take part in each group of a collective's HLO line (None: no groups
+    given, e.g. a collective-permute's source-target pairs)."""
+    mesh = _MESH_GROUPS.search(line)
+    if mesh:
+        sizes = {m.group("axis"): int(m.group("size")) for m in _MESH_AXES.finditer(mesh.group("axes"))}
+        over = _OVER_AXES.search(line, mesh.end())
+        names = [name.strip().strip("'") for name in over.group("axes").split(",")] if over else list(sizes)
+        return math.prod(sizes.get(name, 1) for name in names)
+    iota = _IOTA_GROUPS.search(line)
+    if iota:
+        return int(iota.group("dims").split(",")[-1])
+    listed = _LIST_GROUPS.search(line)
+    if listed:
+        return len([d for d in listed.group("first").split(",") if d])
+    return None
+
+
+def sent_per_device(op: str, result_bytes: float, size: int | None) -> float:
+    """Bytes each device sends for one collective whose result is ``result_bytes``, by ring
+    algorithms over groups of ``size``: an all-gather or all-to-all sends (size-1)/size of its
+    result, an all-reduce twice that (reduce-scatter + all-gather), a reduce-scatter (size-1)
+    results, a collective-permute its result."""
+    if op == "collective-permute" or size is None:
+        return result_bytes
+    share = (size - 1) / size
+    return result_bytes * {"all-reduce": 2 * share, "reduce-scatter": size - 1}.get(op, share)
+
+
+def collectives_in(hlo_text: str) -> dict[str, dict[str, float]]:
+    """{op: {'count', 'bytes', 'compiled_bytes', 'sent'}} of the collectives one run of compiled
+    HLO text executes, those inside a while loop times its trip count: 'bytes' of their results as
+    a TPU moves them (an fp32 collective of values the CPU backend widened from bf16, see
+    :meth:`_Program.tpu_itemsizes`, at 2 bytes per element), 'compiled_bytes' as compiled, 'sent'
+    the bytes each device sends for them (:func:`sent_per_device`)."""
+    found: dict[str, dict[str, float]] = {}
+    program = _Program(hlo_text)
+    runs = _runs(program.computations, program.entry)
+    for name, lines in program.computations.items():
+        for line in lines:
+            match = _COLLECTIVE.search(line)
+            if not match:
+                continue
+            arrays = _ARRAY.findall(match.group("shape"))
+            elements = [math.prod(int(d) for d in dims.split(",") if d) for _, dims in arrays]
+            compiled_sizes = [_ITEMSIZE[dtype] for dtype, _ in arrays]
+            definition = _DEFINITION.match(line)
+            instruction = program.instructions[name].get(definition.group("name")) if definition else None
+            sizes = program.tpu_itemsizes(name, instruction) if instruction else compiled_sizes
+            compiled = sum(size * count for size, count in zip(compiled_sizes, elements, strict=True))
+            moved = sum(size * count for size, count in zip(sizes, elements, strict=True))
+            op = match.group("op")
+            entry = found.setdefault(op, {"count": 0, "bytes": 0.0, "compiled_bytes": 0.0, "sent": 0.0})
             entry["count"] += runs[name]
-            entry["bytes"] += runs[name] * size
+            entry["bytes"] += runs[name] * moved
+            entry["compiled_bytes"] += runs[name] * compiled
+            entry["sent"] += runs[name] * sent_per_device(op, moved, group_size(line))
     return found
 
 
@@ -293,6 +518,7 @@ def compile_step(run_config, mesh) -> Compiled:
         compiled = step_fn.lower(inputs.state, inputs.frozen, inputs.batches).compile()
     compile_s = time.perf_counter() - started
     memory = compiled.memory_analysis()
+    text = compiled.as_text()
     return Compiled(
         num_layers=model_config.lm.num_layers,
         num_blocks=len(model_config.xattn_layer_indices),
@@ -300,8 +526,8 @@ def compile_step(run_config, mesh) -> Compiled:
         output_bytes=int(memory.output_size_in_bytes),
         alias_bytes=int(memory.alias_size_in_bytes),
         temp_bytes=int(memory.temp_size_in_bytes),
-        flops=_cost_flops(compiled),
-        collectives=collectives_in(compiled.as_text()),
+        flops=_cost_flops(compiled) + uncounted_loop_flops(text),
+        collectives=collectives_in(text),
         compile_s=compile_s,
     )
 
@@ -328,11 +554,11 @@ def extrapolate(short: Compiled, longer: Compiled, num_layers: int, num_blocks: 
         return a + periods * (b - a)
 
     ops = set(short.collectives) | set(longer.collectives)
-    zero = {"count": 0, "bytes": 0.0}
+    zero = {"count": 0, "bytes": 0.0, "compiled_bytes": 0.0, "sent": 0.0}
     collectives = {
         op: {
             field: grow(short.collectives.get(op, zero)[field], longer.collectives.get(op, zero)[field])
-            for field in ("count", "bytes")
+            for field in zero
         }
         for op in ops
     }
@@ -381,21 +607,9 @@ def plan(run_config, topology: str, depth: str = "auto", full_depth_layers: int 
         depth = "full" if full_layers <= full_depth_layers else "extrapolate"
     if model.lm.scan_layers:
         # The scanned step compiles at full depth in about the time of one period (its loop body
-        # is compiled once): memory and collectives (times the loop's trip count) come from it.
-        # XLA's cost analysis counts a loop body once, so the FLOPs come from the per-layer model
-        # (the same math), compiled at full depth or at one and two periods.
-        scanned = compile_step(run_config, mesh)
-        per_layer = dataclasses.replace(
-            run_config, model=dataclasses.replace(model, lm=dataclasses.replace(model.lm, scan_layers=False))
-        )
-        if depth == "full":
-            flops_compiles = [compile_step(per_layer, mesh)]
-            flops = flops_compiles[0].flops
-        else:
-            flops_compiles = [compile_step(with_depth(per_layer, periods), mesh) for periods in (1, 2)]
-            flops = extrapolate(*flops_compiles, full_layers, full_blocks).flops
-        compiles = [scanned, *flops_compiles]
-        compiled = dataclasses.replace(scanned, flops=flops, compile_s=sum(c.compile_s for c in compiles))
+        # is compiled once); its loops' collectives and matmul FLOPs count once per trip.
+        compiles = [compile_step(run_config, mesh)]
+        compiled = compiles[0]
         depth = "scanned"
     elif depth == "full":
         compiles = [compile_step(run_config, mesh)]
@@ -413,17 +627,12 @@ def plan(run_config, topology: str, depth: str = "auto", full_depth_layers: int 
     return result
 
 
-# All-reduce moves about twice its result per device (reduce-scatter + all-gather); the others
-# about their result once.
-_TRAFFIC = {"all-reduce": 2.0}
-
-
 def summarize(run_config, topology, chip, num_chips, mesh, depth, compiled: Compiled, inputs: dict) -> dict:
     temp_bytes = compiled.temp_bytes
     unaliased_outputs = max(0, compiled.output_bytes - compiled.alias_bytes)
     memory = {**inputs, "temporaries": temp_bytes, "other_outputs": unaliased_outputs}
     total = sum(memory.values())
-    traffic = sum(entry["bytes"] * _TRAFFIC.get(op, 1.0) for op, entry in compiled.collectives.items())
+    traffic = sum(entry["sent"] for entry in compiled.collectives.values())
     compute_s = compiled.flops / chip.peak_flops
     comm_s = traffic / chip.ici_bytes_per_s
     step_s = compute_s + comm_s
@@ -441,7 +650,7 @@ def summarize(run_config, topology, chip, num_chips, mesh, depth, compiled: Comp
         "rules": run_config.mesh.rules,
         "depth": {
             "full": "full",
-            "scanned": "full, scanned (XLA FLOPs from the per-layer model)",
+            "scanned": "full, scanned (the loop's matmul FLOPs and collectives once per trip)",
         }.get(
             depth,
             f"extrapolated from one- and two-period compiles ({run_config.model.xattn.every} layers each) "
@@ -474,8 +683,10 @@ CAVEATS = (
     "Parameter, optimizer-state and batch bytes are exact (from the shardings). Temporaries come from "
     "XLA's CPU-backend memory analysis of the SPMD-partitioned step: fusion and scheduling on TPU differ, "
     "so treat them as an estimate. Step time assumes peak bf16 FLOP/s for XLA's FLOP count and "
-    "collectives at the chip's ICI bandwidth, either after the compute (no overlap) or hidden under it "
-    "(overlapped); MFU counts model FLOPs (no remat)."
+    "collectives (the bytes each chip sends, ring algorithms) at the chip's ICI bandwidth, either "
+    "after the compute (no overlap) or hidden under it "
+    "(overlapped); MFU counts model FLOPs (no remat). The CPU backend runs bf16 matmuls in fp32, so it "
+    "gathers and reduces fp32 copies of bf16 values; those count at bf16's size, as a TPU moves them."
 )
 
 
@@ -494,9 +705,16 @@ def format_plan(result: dict) -> str:
         lines.append(f"| {kind.replace('_', ' ')} | {gib(value)} |")
     verdict = "fits" if result["fits"] else "DOES NOT FIT"
     lines.append(f"| **total** | **{gib(result['total_bytes'])}** ({verdict} in {gib(result['hbm_bytes'])}) |")
-    lines += ["", "| collective | count | GiB per device |", "|---|---|---|"]
+    lines += [
+        "",
+        "| collective | count | result GiB per device (TPU) | as compiled for CPU | GiB sent per device |",
+        "|---|---|---|---|---|",
+    ]
     for op, entry in sorted(result["collectives"].items()):
-        lines.append(f"| {op} | {entry['count']:.0f} | {gib(entry['bytes'])} |")
+        compiled = entry.get("compiled_bytes", entry["bytes"])
+        lines.append(
+            f"| {op} | {entry['count']:.0f} | {gib(entry['bytes'])} | {gib(compiled)} | {gib(entry['sent'])} |"
+        )
     lines += [
         "",
         f"FLOPs per device per step (XLA): {result['xla_flops_per_device']:.3e}; "
