@@ -38,6 +38,13 @@ def test_collectives_in_hlo_text():
     assert set(found) == {"all-gather", "all-reduce"}
 
 
+def test_a_combined_collective_counts_every_array():
+    """XLA prints long tuple shapes with /*index=N*/ comments; they must not cut the shape short."""
+    shape = "(f32[4]{0}, f32[2,8]{1,0}, f32[8]{0}, f32[16]{0}, f32[3]{0}, /*index=5*/f32[10]{0})"
+    hlo = f"  %ar = {shape} all-reduce(%a, %b, %c, %d, %e, %f), to_apply=%add\n"
+    assert plan.collectives_in(hlo)["all-reduce"]["bytes"] == (4 + 16 + 8 + 16 + 3 + 10) * 4
+
+
 def test_bytes_sent_by_group_size():
     """The group size in each of XLA's replica-group spellings, and what a device sends by ring."""
     mesh = "all-gather(%a), replica_groups=mesh['axis_0'=16,'axis_1'=1,'axis_2'=4], device_ids=([4,16]T(1,0))"

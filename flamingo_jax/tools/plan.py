@@ -160,6 +160,7 @@ _ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 
 _ITEMSIZE.update({"s64": 8, "u64": 8, "f64": 8})
 
 
+_COMMENT = re.compile(r"/\*.*?\*/")
 _HEADER = re.compile(r"^(ENTRY\s+)?%?(?P<name>[\w.\-]+)\s*\(.*->.*\{\s*$")
 _WHILE_BODY = re.compile(r"\bwhile\(.*\bbody=%?(?P<body>[\w.\-]+)")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(?P<n>\d+)"')
@@ -183,7 +184,8 @@ def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str | None]:
         elif line.strip() == "}":
             current = ""
         else:
-            computations[current].append(line)
+            # Comments (the /*index=N*/ in long tuple shapes) would cut a shape short.
+            computations[current].append(_COMMENT.sub("", line))
     return computations, entry
 
 
@@ -220,7 +222,6 @@ def _runs(computations: dict[str, list[str]], entry: str | None, trips: bool = T
 
 
 _DEFINITION = re.compile(r"^\s*(?:ROOT\s+)?%(?P<name>[\w.\-]+)\s*=\s*(?P<shape>\([^=]*?\)|\S+)\s+(?P<op>[\w\-]+)\(")
-_DOT = re.compile(r"\bdot\(%(?P<lhs>[\w.\-]+),")
 _LHS_CONTRACTING = re.compile(r"lhs_contracting_dims=\{(?P<dims>[\d,]*)\}")
 
 
@@ -232,30 +233,27 @@ def _dims(shape: str) -> list[int]:
 def dot_flops(lines: list[str]) -> float:
     """FLOPs of the matmuls (``dot``) among one computation's HLO lines: 2 x result elements x
     contracted size (the left operand's shape from its definition in the same computation)."""
-    shapes = {}
+    return _dot_flops(_instructions(lines))
+
+
+def _dot_flops(instructions: dict[str, _Instruction]) -> float:
+    """:func:`dot_flops` of one computation's parsed instructions."""
     total = 0.0
-    for line in lines:
-        definition = _DEFINITION.match(line)
-        if not definition:
-            continue
-        shapes[definition.group("name")] = definition.group("shape")
-        dot = _DOT.search(line) if definition.group("op") == "dot" else None
-        if not dot:
-            continue
-        contracting = _LHS_CONTRACTING.search(line)
-        lhs = _dims(shapes.get(dot.group("lhs"), ""))
+    for key, instruction in instructions.items():
+        if not key or instruction.op != "dot" or not instruction.operands:
+            continue  # '' repeats the ROOT instruction
+        lhs_definition = instructions.get(instruction.operands[0])
+        lhs = _dims(lhs_definition.shape) if lhs_definition else []
+        contracting = _LHS_CONTRACTING.search(instruction.line)
         size = math.prod(lhs[int(d)] for d in contracting.group("dims").split(",") if d) if contracting else 1
-        total += 2.0 * math.prod(_dims(definition.group("shape"))) * size
+        total += 2.0 * math.prod(_dims(instruction.shape)) * size
     return total
 
 
 def uncounted_loop_flops(hlo_text: str) -> float:
     """The matmul FLOPs XLA's cost analysis leaves out of a program with loops: it counts a loop
     body once per run of the computation holding the loop, while the body runs its trip count."""
-    computations, entry = _computations(hlo_text)
-    runs = _runs(computations, entry)
-    counted = _runs(computations, entry, trips=False)
-    return sum((runs[name] - counted[name]) * dot_flops(lines) for name, lines in computations.items())
+    return _Program(hlo_text).uncounted_loop_flops()
 
 
 _OPERANDS = re.compile(r"%(?P<name>[\w.\-]+)")
@@ -294,6 +292,11 @@ def _instructions(lines: list[str]) -> dict[str, _Instruction]:
     return found
 
 
+def _parameter_index(line: str) -> int | None:
+    match = _PARAMETER.search(line)
+    return int(match.group(1)) if match else None
+
+
 def _is_bf16(shape: str) -> bool:
     return shape.startswith("bf16[")
 
@@ -304,7 +307,38 @@ class _Program:
     def __init__(self, hlo_text: str):
         self.computations, self.entry = _computations(hlo_text)
         self.instructions = {name: _instructions(lines) for name, lines in self.computations.items()}
+        self.runs = _runs(self.computations, self.entry)
         self._users_of: dict[str, dict[str, list[_Instruction]]] = {}
+
+    def uncounted_loop_flops(self) -> float:
+        """:func:`uncounted_loop_flops` of this program."""
+        counted = _runs(self.computations, self.entry, trips=False)
+        return sum(
+            (self.runs[name] - counted[name]) * _dot_flops(instructions)
+            for name, instructions in self.instructions.items()
+        )
+
+    def collectives(self) -> dict[str, dict[str, float]]:
+        """:func:`collectives_in` of this program."""
+        found: dict[str, dict[str, float]] = {}
+        for name, instructions in self.instructions.items():
+            for key, instruction in instructions.items():
+                match = _COLLECTIVE.search(instruction.line) if key else None  # '' repeats the ROOT
+                if not match:
+                    continue
+                arrays = _ARRAY.findall(match.group("shape"))
+                elements = [math.prod(int(d) for d in dims.split(",") if d) for _, dims in arrays]
+                compiled = sum(_ITEMSIZE[dtype] * count for (dtype, _), count in zip(arrays, elements, strict=True))
+                sizes = self.tpu_itemsizes(name, instruction)
+                moved = sum(size * count for size, count in zip(sizes, elements, strict=True))
+                op = match.group("op")
+                entry = found.setdefault(op, {"count": 0, "bytes": 0.0, "compiled_bytes": 0.0, "sent": 0.0})
+                runs = self.runs[name]
+                entry["count"] += runs
+                entry["bytes"] += runs * moved
+                entry["compiled_bytes"] += runs * compiled
+                entry["sent"] += runs * sent_per_device(op, moved, group_size(instruction.line))
+        return found
 
     def _users(self, computation: str) -> dict[str, list[_Instruction]]:
         """{name: the instructions using it} in one computation."""
@@ -349,13 +383,7 @@ class _Program:
                 inner = self.instructions[callee.group("callee")]
                 index = user.operands.index(name)
                 parameter = next(
-                    (
-                        i.name
-                        for i in inner.values()
-                        if _PARAMETER.search(i.line)
-                        and int(_PARAMETER.search(i.line).group(1)) == index
-                        and i.op == "parameter"
-                    ),
+                    (i.name for i in inner.values() if i.op == "parameter" and _parameter_index(i.line) == index),
                     None,
                 )
                 if parameter and self._narrowed_to_bf16(callee.group("callee"), parameter, depth + 1):
@@ -431,29 +459,7 @@ def collectives_in(hlo_text: str) -> dict[str, dict[str, float]]:
     a TPU moves them (an fp32 collective of values the CPU backend widened from bf16, see
     :meth:`_Program.tpu_itemsizes`, at 2 bytes per element), 'compiled_bytes' as compiled, 'sent'
     the bytes each device sends for them (:func:`sent_per_device`)."""
-    found: dict[str, dict[str, float]] = {}
-    program = _Program(hlo_text)
-    runs = _runs(program.computations, program.entry)
-    for name, lines in program.computations.items():
-        for line in lines:
-            match = _COLLECTIVE.search(line)
-            if not match:
-                continue
-            arrays = _ARRAY.findall(match.group("shape"))
-            elements = [math.prod(int(d) for d in dims.split(",") if d) for _, dims in arrays]
-            compiled_sizes = [_ITEMSIZE[dtype] for dtype, _ in arrays]
-            definition = _DEFINITION.match(line)
-            instruction = program.instructions[name].get(definition.group("name")) if definition else None
-            sizes = program.tpu_itemsizes(name, instruction) if instruction else compiled_sizes
-            compiled = sum(size * count for size, count in zip(compiled_sizes, elements, strict=True))
-            moved = sum(size * count for size, count in zip(sizes, elements, strict=True))
-            op = match.group("op")
-            entry = found.setdefault(op, {"count": 0, "bytes": 0.0, "compiled_bytes": 0.0, "sent": 0.0})
-            entry["count"] += runs[name]
-            entry["bytes"] += runs[name] * moved
-            entry["compiled_bytes"] += runs[name] * compiled
-            entry["sent"] += runs[name] * sent_per_device(op, moved, group_size(line))
-    return found
+    return _Program(hlo_text).collectives()
 
 
 def _cost_flops(compiled) -> float:
@@ -518,7 +524,7 @@ def compile_step(run_config, mesh) -> Compiled:
         compiled = step_fn.lower(inputs.state, inputs.frozen, inputs.batches).compile()
     compile_s = time.perf_counter() - started
     memory = compiled.memory_analysis()
-    text = compiled.as_text()
+    program = _Program(compiled.as_text())
     return Compiled(
         num_layers=model_config.lm.num_layers,
         num_blocks=len(model_config.xattn_layer_indices),
@@ -526,8 +532,8 @@ def compile_step(run_config, mesh) -> Compiled:
         output_bytes=int(memory.output_size_in_bytes),
         alias_bytes=int(memory.alias_size_in_bytes),
         temp_bytes=int(memory.temp_size_in_bytes),
-        flops=_cost_flops(compiled) + uncounted_loop_flops(text),
-        collectives=collectives_in(text),
+        flops=_cost_flops(compiled) + program.uncounted_loop_flops(),
+        collectives=program.collectives(),
         compile_s=compile_s,
     )
 
@@ -711,9 +717,9 @@ def format_plan(result: dict) -> str:
         "|---|---|---|---|---|",
     ]
     for op, entry in sorted(result["collectives"].items()):
-        compiled = entry.get("compiled_bytes", entry["bytes"])
         lines.append(
-            f"| {op} | {entry['count']:.0f} | {gib(entry['bytes'])} | {gib(compiled)} | {gib(entry['sent'])} |"
+            f"| {op} | {entry['count']:.0f} | {gib(entry['bytes'])} | {gib(entry['compiled_bytes'])} "
+            f"| {gib(entry['sent'])} |"
         )
     lines += [
         "",
