@@ -1,6 +1,7 @@
 """The entry point end to end: outputs, continuation and configuration errors through
-``main.main`` in this process (flags parsed as the command line parses them); SIGKILL and SIGTERM
-resumption, the exit status and the absence of tracebacks as real subprocesses."""
+``main.main`` in this process (flags parsed as the command line parses them); runs killed by
+SIGKILL and stopped by SIGTERM, the exit status and the absence of tracebacks as real subprocesses
+(their resumption runs in this process)."""
 
 from __future__ import annotations
 
@@ -109,8 +110,7 @@ def test_sigkill_after_a_checkpoint_resumes_bit_identically(tmp_path):
     assert max(steps) < 30, "the run finished before it could be killed"
     killed_at = max(r["step"] for r in read_metrics(interrupted))
 
-    result = run_main(interrupted, *bindings)
-    assert result.returncode == 0, result.stderr[-3000:]
+    main_in_process(interrupted, *bindings)  # resumed here: the killed run was the subprocess
     resumed = read_metrics(interrupted)
     assert [r["step"] for r in resumed] == list(range(1, 31)), killed_at
     assert without_timing(resumed) == without_timing(read_metrics(reference))
@@ -140,8 +140,7 @@ def test_sigterm_saves_a_checkpoint_and_loses_no_step(tmp_path):
     last_logged = max(r["step"] for r in read_metrics(workdir))
     assert saved == [last_logged]
 
-    result = run_main(workdir, f"TRAIN_STEPS={last_logged + 3}", "CHECKPOINT_EVERY=100000", "LOG_EVERY=1")
-    assert result.returncode == 0, result.stderr[-3000:]
+    main_in_process(workdir, f"TRAIN_STEPS={last_logged + 3}", "CHECKPOINT_EVERY=100000", "LOG_EVERY=1")
     assert [r["step"] for r in read_metrics(workdir)] == list(range(1, last_logged + 4))
 
 
