@@ -21,7 +21,7 @@ from flamingo_jax import configs
 from flamingo_jax.batch import Batch
 
 # What the quick suite (``-m "not slow"``) compiles with: its programs are tiny, so XLA's compile
-# time, not their run time, is what it waits for. Measured on 2 cores (AMD EPYC, 210 GFLOP/s): LLVM
+# time, not their run time, is what it waits for. Measured on 2 cores (AMD EPYC, 206 GFLOP/s): LLVM
 # level 0 cut its wall time by 32%; the classic CPU fusion emitters instead of the newer MLIR ones
 # compile the tiny train step in 3.5 s instead of 5.5 s and cut it from 11.3 to 7.6 minutes.
 QUICK_COMPILE_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
