@@ -55,12 +55,26 @@ def final_params(workdir, step):
     return {key: np.asarray(value) for key, value in restored["params"].items()}
 
 
+def start(command, log_path, cwd=None):
+    """``command`` started in the background, its stdout and stderr going to ``log_path`` (a pipe
+    nobody reads while the test waits would block the process once it holds 64 KiB)."""
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=cwd)
+    process.log_path = log_path
+    return process
+
+
+def output_of(process) -> str:
+    with open(process.log_path) as f:
+        return f.read()
+
+
 def wait_for(predicate, timeout, process):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return True
-        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert process.poll() is None, output_of(process)[-3000:]
         time.sleep(0.02)
     raise AssertionError("timed out waiting")
 
@@ -100,12 +114,10 @@ def test_sigkill_after_a_checkpoint_resumes_bit_identically(tmp_path):
     main_in_process(reference, *bindings)  # the same program as the subprocess's, on the same devices
 
     interrupted = str(tmp_path / "interrupted")
-    process = subprocess.Popen(
-        main_command(interrupted, *bindings), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    process = start(main_command(interrupted, *bindings), tmp_path / "interrupted.log")
     wait_for(lambda: os.path.isdir(os.path.join(interrupted, "checkpoints", "5")), 300, process)
     process.send_signal(signal.SIGKILL)
-    process.communicate()
+    process.wait()
     steps = [int(name) for name in os.listdir(os.path.join(interrupted, "checkpoints")) if name.isdigit()]
     assert max(steps) < 30, "the run finished before it could be killed"
     killed_at = max(r["step"] for r in read_metrics(interrupted))
@@ -124,18 +136,17 @@ def test_sigkill_after_a_checkpoint_resumes_bit_identically(tmp_path):
 def test_sigterm_saves_a_checkpoint_and_loses_no_step(tmp_path):
     workdir = str(tmp_path / "run")
     bindings = ("TRAIN_STEPS=100000", "CHECKPOINT_EVERY=100000", "LOG_EVERY=1")
-    process = subprocess.Popen(
-        main_command(workdir, *bindings), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    process = start(main_command(workdir, *bindings), tmp_path / "run.log")
 
     def logged_five():
         return len(read_metrics(workdir)) >= 5
 
     wait_for(logged_five, 300, process)
     process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 0, stderr[-3000:]
-    assert "preempted" in stderr
+    process.wait(timeout=120)
+    output = output_of(process)
+    assert process.returncode == 0, output[-3000:]
+    assert "preempted" in output
     saved = [int(name) for name in os.listdir(os.path.join(workdir, "checkpoints")) if name.isdigit()]
     last_logged = max(r["step"] for r in read_metrics(workdir))
     assert saved == [last_logged]

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
-from test_main import main_command, main_in_process, wait_for, without_timing
+from test_main import main_command, main_in_process, output_of, start, wait_for, without_timing
 
 from flamingo_jax.train.writer import read_metrics
 
@@ -51,7 +51,7 @@ def test_sigterm_to_one_process_stops_all_at_the_same_step(tmp_path):
     bindings = ("TRAIN_STEPS=100000", "CHECKPOINT_EVERY=100000", "LOG_EVERY=1")
     launcher = [sys.executable, os.path.join(REPO, "launch", "local.py"), "--num_processes=2"]
     launcher += ["--devices_per_process=4", "--timeout_s=240", "--", *main_command(workdir, *bindings)]
-    launched = subprocess.Popen(launcher, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    launched = start(launcher, tmp_path / "launched.log", cwd=REPO)
 
     def logged_three():
         return len(read_metrics(workdir)) >= 3
@@ -63,10 +63,11 @@ def test_sigterm_to_one_process_stops_all_at_the_same_step(tmp_path):
         pids = [int(pid) for pid in found.stdout.split()]
         assert len(pids) == 1, found
         os.kill(pids[0], signal.SIGTERM)
-        output, _ = launched.communicate(timeout=180)
+        launched.wait(timeout=180)
     finally:
         if launched.poll() is None:
             launched.kill()
+    output = output_of(launched)
     assert launched.returncode == 0, output[-4000:]
     notices = [line for line in output.splitlines() if "preemption notice: saving a checkpoint at step" in line]
     assert {line.split("]")[0] for line in notices} == {"[process 0", "[process 1"}, output[-4000:]

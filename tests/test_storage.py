@@ -17,7 +17,7 @@ import urllib.request
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from test_main import main_command, main_in_process, wait_for, without_timing
+from test_main import main_command, main_in_process, start, wait_for, without_timing
 
 from flamingo_jax import storage
 from flamingo_jax.train import writer
@@ -95,11 +95,11 @@ def test_a_run_in_a_bucket_survives_kill_9_and_evaluates_into_it(gcs, tmp_path):
     main_in_process(reference, *bindings)
 
     run = f"gs://{BUCKET}/runs/smoke"
-    process = subprocess.Popen(main_command(run, *bindings), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = start(main_command(run, *bindings), tmp_path / "killed.log")
     committed = gcs / "runs" / "smoke" / "checkpoints" / "5" / "commit_success.txt"
     wait_for(committed.exists, 300, process)
     process.send_signal(signal.SIGKILL)
-    process.communicate()
+    process.wait()
     saved = [int(p.name) for p in (gcs / "runs" / "smoke" / "checkpoints").iterdir() if p.name.isdigit()]
     assert max(saved) < 30, "the run finished before it could be killed"
     assert (gcs / "runs" / "smoke" / "config.gin").exists()
