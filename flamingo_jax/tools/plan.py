@@ -233,15 +233,15 @@ def _dims(shape: str) -> list[int]:
 def dot_flops(lines: list[str]) -> float:
     """FLOPs of the matmuls (``dot``) among one computation's HLO lines: 2 x result elements x
     contracted size (the left operand's shape from its definition in the same computation)."""
-    return _dot_flops(_instructions(lines))
+    return _dot_flops(_instructions(lines)[0])
 
 
 def _dot_flops(instructions: dict[str, _Instruction]) -> float:
     """:func:`dot_flops` of one computation's parsed instructions."""
     total = 0.0
-    for key, instruction in instructions.items():
-        if not key or instruction.op != "dot" or not instruction.operands:
-            continue  # '' repeats the ROOT instruction
+    for instruction in instructions.values():
+        if instruction.op != "dot" or not instruction.operands:
+            continue
         lhs_definition = instructions.get(instruction.operands[0])
         lhs = _dims(lhs_definition.shape) if lhs_definition else []
         contracting = _LHS_CONTRACTING.search(instruction.line)
@@ -273,9 +273,9 @@ class _Instruction:
     line: str
 
 
-def _instructions(lines: list[str]) -> dict[str, _Instruction]:
-    """{name: instruction} of one computation's HLO lines (ROOT under the key '')."""
-    found = {}
+def _instructions(lines: list[str]) -> tuple[dict[str, _Instruction], str | None]:
+    """{name: instruction} of one computation's HLO lines, and the ROOT instruction's name."""
+    found, root = {}, None
     for line in lines:
         definition = _DEFINITION.match(line)
         if not definition:
@@ -288,12 +288,13 @@ def _instructions(lines: list[str]) -> dict[str, _Instruction]:
         )
         found[instruction.name] = instruction
         if line.lstrip().startswith("ROOT"):
-            found[""] = instruction
-    return found
+            root = instruction.name
+    return found, root
 
 
-def _parameter_index(line: str) -> int | None:
-    match = _PARAMETER.search(line)
+def _number(pattern: re.Pattern, line: str) -> int | None:
+    """The integer ``pattern``'s first group finds in ``line`` (a parameter or tuple index)."""
+    match = pattern.search(line)
     return int(match.group(1)) if match else None
 
 
@@ -306,7 +307,9 @@ class _Program:
 
     def __init__(self, hlo_text: str):
         self.computations, self.entry = _computations(hlo_text)
-        self.instructions = {name: _instructions(lines) for name, lines in self.computations.items()}
+        parsed = {name: _instructions(lines) for name, lines in self.computations.items()}
+        self.instructions = {name: instructions for name, (instructions, _) in parsed.items()}
+        self.roots = {name: root for name, (_, root) in parsed.items()}
         self.runs = _runs(self.computations, self.entry)
         self._users_of: dict[str, dict[str, list[_Instruction]]] = {}
 
@@ -322,8 +325,8 @@ class _Program:
         """:func:`collectives_in` of this program."""
         found: dict[str, dict[str, float]] = {}
         for name, instructions in self.instructions.items():
-            for key, instruction in instructions.items():
-                match = _COLLECTIVE.search(instruction.line) if key else None  # '' repeats the ROOT
+            for instruction in instructions.values():
+                match = _COLLECTIVE.search(instruction.line)
                 if not match:
                     continue
                 arrays = _ARRAY.findall(match.group("shape"))
@@ -344,10 +347,9 @@ class _Program:
         """{name: the instructions using it} in one computation."""
         if computation not in self._users_of:
             users: dict[str, list[_Instruction]] = {}
-            for key, instruction in self.instructions[computation].items():
-                if key:  # the ROOT entry '' repeats an instruction
-                    for operand in dict.fromkeys(instruction.operands):
-                        users.setdefault(operand, []).append(instruction)
+            for instruction in self.instructions[computation].values():
+                for operand in dict.fromkeys(instruction.operands):
+                    users.setdefault(operand, []).append(instruction)
             self._users_of[computation] = users
         return self._users_of[computation]
 
@@ -363,8 +365,8 @@ class _Program:
             return self._widened_from_bf16(computation, instruction.operands[0], depth + 1)
         if instruction.op == "fusion":
             callee = _CALLS.search(instruction.line)
-            root = self.instructions.get(callee.group("callee"), {}).get("") if callee else None
-            return root is not None and self._widened_from_bf16(callee.group("callee"), root.name, depth + 1)
+            root = self.roots.get(callee.group("callee")) if callee else None
+            return root is not None and self._widened_from_bf16(callee.group("callee"), root, depth + 1)
         return False
 
     def _narrowed_to_bf16(self, computation: str, name: str, depth: int = 0) -> bool:
@@ -383,7 +385,7 @@ class _Program:
                 inner = self.instructions[callee.group("callee")]
                 index = user.operands.index(name)
                 parameter = next(
-                    (i.name for i in inner.values() if i.op == "parameter" and _parameter_index(i.line) == index),
+                    (i.name for i in inner.values() if i.op == "parameter" and _number(_PARAMETER, i.line) == index),
                     None,
                 )
                 if parameter and self._narrowed_to_bf16(callee.group("callee"), parameter, depth + 1):
@@ -408,9 +410,7 @@ class _Program:
                     parts = [
                         user
                         for user in self._users(computation).get(instruction.name, [])
-                        if user.op == "get-tuple-element"
-                        and _INDEX.search(user.line)
-                        and int(_INDEX.search(user.line).group(1)) == index
+                        if user.op == "get-tuple-element" and _number(_INDEX, user.line) == index
                     ]
                     bf16 = bool(parts) and all(self._narrowed_to_bf16(computation, part.name) for part in parts)
             sizes.append(2 if bf16 else _ITEMSIZE[dtype])
