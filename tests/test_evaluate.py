@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
+from PIL import Image
 
 import flamingo_jax.demo  # noqa: F401  (registers the demo's tasks these tests evaluate on)
 from flamingo_jax import configs
@@ -150,3 +152,56 @@ def test_notebook_runs_headless_on_the_workdir(smoke_run, tmp_path, monkeypatch)
         assert os.path.getsize(path) > 5000
     text = "".join(o.get("text", "") for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs)
     assert f"checkpoint at step {SMOKE_STEPS}" in text and "skimage_captions, 2-shot: CIDEr =" in text
+
+
+def test_eval_scores_an_episodes_file_and_a_blind_model_scores_chance(evaluated, tmp_path):
+    """``--mode=eval``'s evaluation of the 'episodes' task on a JSON-lines file the test writes
+    (its own shot counts, each episode's own candidates); and on sampled novel-word episodes the
+    initialisation, whose gates at 0 keep the images out, scores chance (3-way: 33.3%)."""
+    from test_episodes import COLOURS, colour_image
+
+    from flamingo_jax.data import episodes as ep
+
+    rng = np.random.default_rng(0)
+    for name, rgb in COLOURS.items():
+        for i in range(3):
+            Image.fromarray(colour_image(rgb, i)).save(tmp_path / f"{name}{i}.png")
+    written = []
+    for index in range(8):
+        shots = 1 + index % 2
+        names = [list(COLOURS)[i] for i in rng.choice(len(COLOURS), 3, replace=False)]
+        words = ["dax", "wug", "zib"]
+        demos = [ep.Shot(f"{n}{k}.png", w) for n, w in zip(names, words, strict=True) for k in range(shots)]
+        written.append(ep.Episode(tuple(demos), ep.Shot(f"{names[index % 3]}2.png", words[index % 3]), tuple(words)))
+    ep.write_episodes(str(tmp_path / "mine.jsonl"), written)
+    run_config, eval_config = configs_for(
+        "EvalConfig.tasks=['episodes']",
+        f"EvalConfig.task_options={{'episodes': {{'path': '{tmp_path / 'mine.jsonl'}', 'open_ended': True}}}}",
+    )
+    evaluate_run(run_config, eval_config, str(evaluated))
+    record = read_record(evaluated, "episodes", SMOKE_STEPS)
+    assert record["kind"] == "episodes" and set(record["results"]) == {"1", "2"}  # the file's shot counts
+    for shots in ("1", "2"):
+        values = record["results"][shots]
+        rows = record["predictions"][shots]["0"]
+        assert values["episodes"] == len(rows) == 4 and all(r["prediction"] in r["candidates"] for r in rows)
+        assert values["accuracy"] == 100.0 * np.mean([r["correct"] for r in rows])
+        assert values["prototype"] == 100.0 * np.mean([r["prototype_correct"] for r in rows])
+        assert values["accuracy_se"] == pytest.approx(
+            100 * np.sqrt(values["accuracy"] / 100 * (1 - values["accuracy"] / 100) / 4)
+        )
+        assert all("generated" in r for r in rows)
+    assert "episodes at step 4 (4 episodes per cell" in (evaluated / "eval" / "report.md").read_text()
+
+    run_config, eval_config = configs_for(
+        "EvalConfig.tasks=['episodes']",
+        "EvalConfig.checkpoint_step=0",
+        "EvalConfig.shots=[1]",
+        "EvalConfig.seeds=[0]",
+        "EvalConfig.batch_size=16",
+        "EvalConfig.task_options={'episodes': {'collection': 'test_colours', 'classes': 'all', 'num_queries': 144}}",
+    )
+    evaluate_run(run_config, eval_config, str(evaluated))
+    values = read_record(evaluated, "episodes", 0)["results"]["1"]
+    assert values["episodes"] == 144 and values["prototype"] > 95.0  # the images do tell the classes apart
+    assert abs(values["accuracy"] - 100 / 3) < 3 * values["accuracy_se"]

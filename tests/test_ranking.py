@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from test_generate import model, prompts  # noqa: F401 (fixtures)
 
-from flamingo_jax.evaluation.ranking import Rices, class_log_likelihoods, vision_features
+from flamingo_jax.evaluation.ranking import Rices, candidate_log_likelihoods, class_log_likelihoods, vision_features
 
 from conftest import jit_forward, set_gates
 
@@ -42,6 +42,20 @@ def test_class_log_likelihoods_match_direct_sums(model, prompts):  # noqa: F811
     np.testing.assert_allclose(normalized, scores / np.asarray([1, 3, 2]), rtol=1e-6)
     with pytest.raises(ValueError, match="at least one token"):
         class_log_likelihoods(model, tokens, index, image_mask, images, [[1], []], input_mask=mask)
+
+
+def test_candidate_log_likelihoods_score_each_rows_own_candidates(model, prompts):  # noqa: F811
+    tokens, index, image_mask, images, mask = prompts
+    shared = class_log_likelihoods(model, tokens, index, image_mask, images, CLASSES, input_mask=mask)
+    # An episode's labels: row 0 ranks classes 2 and 0, row 1 classes 1 and 2.
+    own = candidate_log_likelihoods(
+        model, tokens, index, image_mask, images, [[CLASSES[2], CLASSES[0]], [CLASSES[1], CLASSES[2]]], input_mask=mask
+    )
+    np.testing.assert_allclose(own, [[shared[0, 2], shared[0, 0]], [shared[1, 1], shared[1, 2]]], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="same number"):
+        candidate_log_likelihoods(model, tokens, index, image_mask, images, [[[1]], [[1], [2]]], input_mask=mask)
+    with pytest.raises(ValueError, match="2 prompts"):
+        candidate_log_likelihoods(model, tokens, index, image_mask, images, [[[1]]], input_mask=mask)
 
 
 def test_rices_nearest_demonstrations_most_similar_last():

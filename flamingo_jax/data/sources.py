@@ -21,9 +21,10 @@ and one registration, e.g. in a project's package (which its gin file imports)::
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 
-from flamingo_jax.data import builders
+from flamingo_jax.data import builders, episodes
 from flamingo_jax.registry import Registry
 
 KINDS = ("pairs", "documents", "video")
@@ -50,3 +51,6 @@ SOURCES.register("webdataset", Source("pairs", builders.WebdatasetPairs))
 SOURCES.register("mmc4", Source("documents", builders.MMC4Documents))
 SOURCES.register("obelics", Source("documents", builders.ObelicsDocuments))
 SOURCES.register("video", Source("video", builders.VideoCaptions))
+# Few-shot episodes of registered image collections (DatasetConfig.options names them); the
+# collections find their own files, so the path is only the builder's nominal source.
+SOURCES.register("episodes", Source("documents", episodes.EpisodeDocuments, lambda: os.path.dirname(episodes.__file__)))

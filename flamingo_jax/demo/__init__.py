@@ -10,4 +10,4 @@ with ``import flamingo_jax.demo``. The library never imports it.
   python -m flamingo_jax.main --gin_file=flamingo_jax/demo/demo_cpu.gin --workdir=/tmp/flamingo_demo
 """
 
-from flamingo_jax.demo import fashion_mnist, photos, weights  # noqa: F401  (registrations)
+from flamingo_jax.demo import collections, fashion_mnist, photos, weights  # noqa: F401  (registrations)

@@ -21,7 +21,8 @@ import tqdm
 
 from flamingo_jax.data.images import ImageConfig, preprocess
 from flamingo_jax.evaluation import metrics
-from flamingo_jax.evaluation.generate import GenerateConfig, generate
+from flamingo_jax.evaluation.episodic import EpisodeEvaluator, EpisodeTask
+from flamingo_jax.evaluation.generate import GenerateConfig, batch_prompts, generate
 from flamingo_jax.evaluation.ranking import Rices, class_log_likelihoods, vision_features
 from flamingo_jax.evaluation.tasks import TASKS, Example, Task
 
@@ -166,29 +167,6 @@ def build_prompt(task: Task, demos: list[Example], query: Example, *, text_only:
     return "".join(parts)
 
 
-def _batch(
-    prompts: list[list[int]], images: list[list[np.ndarray]], media_id: int, pad_id: int, rows: int, multiple: int
-):
-    """Left-padded tokens, mask, image_index; images [B, N, 1, H, W, C] with their mask. The
-    batch is filled up to ``rows`` with copies of its last prompt (results dropped), and its
-    length rounded up to a ``multiple``, so a (task, shots) compiles few shapes."""
-    prompts = prompts + [prompts[-1]] * (rows - len(prompts))
-    images = images + [images[-1]] * (rows - len(images))
-    length = -(-max(len(p) for p in prompts) // multiple) * multiple
-    num_media = max(len(i) for i in images)
-    shape = images[0][0].shape
-    tokens = np.full((len(prompts), length), pad_id, np.int32)
-    mask = np.zeros((len(prompts), length), bool)
-    media = np.zeros((len(prompts), num_media, 1, *shape), np.float32)
-    image_mask = np.zeros((len(prompts), num_media), bool)
-    for row, (ids, row_images) in enumerate(zip(prompts, images, strict=True)):
-        tokens[row, length - len(ids) :], mask[row, length - len(ids) :] = ids, True
-        for slot, image in enumerate(row_images):
-            media[row, slot, 0], image_mask[row, slot] = image, True
-    index = np.where(mask, np.cumsum(tokens == media_id, axis=1) - 1, -1).astype(np.int32)
-    return tokens, mask, index, media, image_mask
-
-
 def postprocess(text: str) -> str:
     """Cut a generation where the model starts a new demonstration."""
     text = re.split(r"Question|Answer|Output|Short|\n|<\|endofchunk\|>|<image>", text, maxsplit=1)[0]
@@ -277,7 +255,7 @@ class FewShotEvaluator:
                 prompt = build_prompt(task, demos, query, text_only=text_only, rng=rng)
                 prompts.append(tokenizer.encode(prompt))
                 batch_images.append(([] if text_only else [images(d) for d in demos]) + [images(query)])
-            tokens, mask, index, media, image_mask = _batch(
+            tokens, mask, index, media, image_mask = batch_prompts(
                 prompts,
                 batch_images,
                 tokenizer.media_token_id,
@@ -315,11 +293,19 @@ class FewShotEvaluator:
 
 
 def evaluate_task(
-    model, tokenizer, task: Task, config: EvalConfig, *, image_size: int = 224, image_config: ImageConfig | None = None
+    model,
+    tokenizer,
+    task: Task | EpisodeTask,
+    config: EvalConfig,
+    *,
+    image_size: int = 224,
+    image_config: ImageConfig | None = None,
 ) -> dict:
     """{'results': {shots: {metric: mean, metric + '_std': std, 'per_seed': [...]}},
-    'predictions': {shots: {seed: [{'id', 'prediction', ...}]}}} for one task."""
-    evaluator = FewShotEvaluator(task, tokenizer, config, image_config or ImageConfig(image_size=image_size))
+    'predictions': {shots: {seed: [{'id', 'prediction', ...}]}}} for one task (few-shot
+    episodes: see ``episodic.EpisodeEvaluator``)."""
+    evaluator_type = EpisodeEvaluator if isinstance(task, EpisodeTask) else FewShotEvaluator
+    evaluator = evaluator_type(task, tokenizer, config, image_config or ImageConfig(image_size=image_size))
     for _ in evaluator.run(model):
         pass
     return {"results": evaluator.results, "predictions": evaluator.predictions}

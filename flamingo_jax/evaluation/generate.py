@@ -203,3 +203,26 @@ def generate(
         pad_id=int(pad_id),
     )
     return Generated(np.asarray(generated), np.asarray(lengths), np.asarray(scores))
+
+
+def batch_prompts(
+    prompts: list[list[int]], images: list[list[np.ndarray]], media_id: int, pad_id: int, rows: int, multiple: int
+):
+    """Left-padded tokens, mask, image_index; images [B, N, 1, H, W, C] with their mask. The
+    batch is filled up to ``rows`` with copies of its last prompt (results dropped), and its
+    length rounded up to a ``multiple``, so a (task, shots) compiles few shapes."""
+    prompts = prompts + [prompts[-1]] * (rows - len(prompts))
+    images = images + [images[-1]] * (rows - len(images))
+    length = -(-max(len(p) for p in prompts) // multiple) * multiple
+    num_media = max(len(i) for i in images)
+    shape = images[0][0].shape
+    tokens = np.full((len(prompts), length), pad_id, np.int32)
+    mask = np.zeros((len(prompts), length), bool)
+    media = np.zeros((len(prompts), num_media, 1, *shape), np.float32)
+    image_mask = np.zeros((len(prompts), num_media), bool)
+    for row, (ids, row_images) in enumerate(zip(prompts, images, strict=True)):
+        tokens[row, length - len(ids) :], mask[row, length - len(ids) :] = ids, True
+        for slot, image in enumerate(row_images):
+            media[row, slot, 0], image_mask[row, slot] = image, True
+    index = np.where(mask, np.cumsum(tokens == media_id, axis=1) - 1, -1).astype(np.int32)
+    return tokens, mask, index, media, image_mask

@@ -1,7 +1,8 @@
 """Classification by ranking class names by their log-likelihood after a shared prompt, and
 RICES demonstration retrieval.
 
-``class_log_likelihoods`` runs each prompt once (filling the KV cache and the visual keys/values
+``class_log_likelihoods`` (and ``candidate_log_likelihoods``, each prompt with its own candidates)
+runs each prompt once (filling the KV cache and the visual keys/values
 of every cross-attention block), then scores all class names at once as continuations of the
 cached prompt, so the prompt is never recomputed per class.
 """
@@ -21,9 +22,11 @@ from flamingo_jax.models.llama import KVCache
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _score(graphdef, state, tokens, input_mask, image_index, image_mask, images, classes, class_mask):
+    """float[B, C]: log p(candidate c of row b | prompt b); ``classes`` int[B, C, L] (each row's
+    own candidates), ``class_mask`` bool[B, C, L]."""
     model = nnx.merge(graphdef, state)
     batch, prompt_length = tokens.shape
-    num_classes, class_length = classes.shape
+    _, num_classes, class_length = classes.shape
     media_kv = model.media_kv(model.encode_media(images))
     # The last class token is only scored, never fed: the cache holds the prompt and the others.
     cache = KVCache.create(model.config.lm, batch, prompt_length + class_length - 1)
@@ -31,11 +34,11 @@ def _score(graphdef, state, tokens, input_mask, image_index, image_mask, images,
         tokens, image_index, image_mask, media_kv=media_kv, input_mask=input_mask, cache=cache, last_only=True
     )
     first = jax.nn.log_softmax(logits[:, -1].astype(jnp.float32), axis=-1)  # [B, V]: the class's first token
-    total = first[:, classes[:, 0]]  # [B, C]
+    total = jnp.take_along_axis(first, classes[:, :, 0], axis=1)  # [B, C]
     if class_length == 1:
         return total
-    fed = jnp.tile(classes[:, :-1], (batch, 1))  # row b * C + c holds class c
-    fed_mask = jnp.tile(class_mask[:, :-1], (batch, 1))
+    fed = classes[:, :, :-1].reshape(batch * num_classes, class_length - 1)  # row b * C + c: class c of b
+    fed_mask = class_mask[:, :, :-1].reshape(fed.shape)
     last_image = jnp.repeat(image_index[:, -1:], num_classes, axis=0)
     class_logits, _ = model(
         fed,
@@ -47,9 +50,9 @@ def _score(graphdef, state, tokens, input_mask, image_index, image_mask, images,
     )
     logp = jax.nn.log_softmax(class_logits.astype(jnp.float32), axis=-1)  # [rows, L - 1, V]
     # Token j >= 1 of a class is predicted by fed position j - 1 (token 0: by the prompt).
-    targets = jnp.tile(classes[:, 1:], (batch, 1))
+    targets = classes[:, :, 1:].reshape(fed.shape)
     later = jnp.take_along_axis(logp, targets[..., None], axis=2)[..., 0]
-    later = jnp.sum(jnp.where(jnp.tile(class_mask[:, 1:], (batch, 1)), later, 0.0), axis=1)
+    later = jnp.sum(jnp.where(class_mask[:, :, 1:].reshape(fed.shape), later, 0.0), axis=1)
     return total + later.reshape(batch, num_classes)
 
 
@@ -66,14 +69,48 @@ def class_log_likelihoods(
 ) -> np.ndarray:
     """float[B, C]: log p(class name | prompt) of every class for every left-padded prompt
     (divided by the class's token count when ``normalize``)."""
-    if not class_tokens or any(len(c) == 0 for c in class_tokens):
-        raise ValueError("class_log_likelihoods: every class needs at least one token")
-    tokens, input_mask = left_padded_prompts(tokens, input_mask, "class_log_likelihoods")
-    length = max(len(c) for c in class_tokens)
-    classes = np.zeros((len(class_tokens), length), np.int32)
-    class_mask = np.zeros((len(class_tokens), length), bool)
-    for row, ids in enumerate(class_tokens):
-        classes[row, : len(ids)], class_mask[row, : len(ids)] = ids, True
+    rows = len(np.asarray(tokens))
+    return candidate_log_likelihoods(
+        model,
+        tokens,
+        image_index,
+        image_mask,
+        images,
+        [class_tokens] * rows,
+        input_mask=input_mask,
+        normalize=normalize,
+    )
+
+
+def candidate_log_likelihoods(
+    model,
+    tokens,
+    image_index,
+    image_mask,
+    images,
+    candidates: list[list[list[int]]],
+    *,
+    input_mask=None,
+    normalize: bool = False,
+) -> np.ndarray:
+    """float[B, C]: log p(candidate | prompt) for each row's own C candidates (``candidates[b]``:
+    C token lists; every row the same C), e.g. the labels of a few-shot episode."""
+    if len(candidates) != len(np.asarray(tokens)):
+        raise ValueError(f"candidate_log_likelihoods: {len(candidates)} candidate lists for {len(tokens)} prompts")
+    counts = {len(row) for row in candidates}
+    if len(counts) != 1 or 0 in counts:
+        raise ValueError(
+            f"candidate_log_likelihoods: every prompt needs the same number (>0) of candidates, got {counts}"
+        )
+    if any(len(c) == 0 for row in candidates for c in row):
+        raise ValueError("candidate_log_likelihoods: every candidate needs at least one token")
+    tokens, input_mask = left_padded_prompts(tokens, input_mask, "candidate_log_likelihoods")
+    length = max(len(c) for row in candidates for c in row)
+    classes = np.zeros((len(candidates), counts.pop(), length), np.int32)
+    class_mask = np.zeros(classes.shape, bool)
+    for row, options in enumerate(candidates):
+        for column, ids in enumerate(options):
+            classes[row, column, : len(ids)], class_mask[row, column, : len(ids)] = ids, True
     graphdef, state = nnx.split(model)
     scores = _score(
         graphdef,
@@ -88,7 +125,7 @@ def class_log_likelihoods(
     )
     scores = np.asarray(scores)
     if normalize:
-        scores = scores / class_mask.sum(axis=1)[None, :]
+        scores = scores / class_mask.sum(axis=2)
     return scores
 
 

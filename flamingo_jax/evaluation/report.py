@@ -67,6 +67,19 @@ def write_report(
             + " / ".join(f"{e:.1f}" for e in error)
             + f" points at {queries} queries."
         )
+    for record in sorted((r for r in records if r["kind"] == "episodes"), key=lambda r: (r["task"], r["step"])):
+        results = record["results"]
+        shots = sorted(results, key=int)
+        cells = []
+        for s in shots:
+            values = results[s]
+            reference = f", encoder prototypes {values['prototype']:.1f}" if "prototype" in values else ""
+            generated = f", generated {values['open_accuracy']:.1f}" if "open_accuracy" in values else ""
+            cells.append(f"{s}-shot {values['accuracy']:.1f} ± {values['accuracy_se']:.1f}{reference}{generated}")
+        lines.append(
+            f"{record['task']} at step {record['step']} ({results[shots[0]]['episodes']} episodes per cell; ± the "
+            "standard error over episodes): " + "; ".join(cells) + "."
+        )
     text = "\n".join(lines) + "\n"
     if tasks and _write_grid(workdir, records, tasks, images_per_task):
         text += "\n![predictions](report.png)\n"
@@ -104,7 +117,8 @@ def _write_grid(workdir: str, records: list[dict], tasks: dict, per_task: int) -
 
     latest = {}
     for record in records:
-        if record["task"] in tasks and record["step"] >= latest.get(record["task"], {"step": -1})["step"]:
+        shown = record["task"] in tasks and record["kind"] != "episodes"  # episodes: several images each
+        if shown and record["step"] >= latest.get(record["task"], {"step": -1})["step"]:
             latest[record["task"]] = record
     panels = []
     for name, record in sorted(latest.items()):

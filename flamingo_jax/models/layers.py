@@ -178,7 +178,9 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
 
 
-def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array | None) -> jax.Array:
+def dot_product_attention(
+    query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array | None, *, return_weights: bool = False
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Softmax attention with grouped key/value heads, softmax in fp32.
 
     Args:
@@ -188,7 +190,8 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, ma
         no allowed key give an all-zero output rather than NaN.
 
     Returns:
-      float[B, T, H, D] in the query dtype.
+      float[B, T, H, D] in the query dtype; with ``return_weights`` also the attention weights
+      float32[B, K, H // K, T, S].
     """
     batch, length, num_heads, head_dim = query.shape
     num_kv_heads = key.shape[2]
@@ -203,7 +206,8 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, ma
     if mask is not None:
         weights = jnp.where(mask, weights, 0.0)
     out = jnp.einsum("bkgts,bskd->btkgd", weights.astype(value.dtype), value)
-    return out.reshape(batch, length, num_heads, head_dim)
+    out = out.reshape(batch, length, num_heads, head_dim)
+    return (out, weights) if return_weights else out
 
 
 class CountingRngs:

@@ -110,6 +110,9 @@ class Attention(nnx.Module):
         self.k_proj = dense(config.width, config.num_kv_heads * head_dim, ("embed", "kv_heads"))
         self.v_proj = dense(config.width, config.num_kv_heads * head_dim, ("embed", "kv_heads"))
         self.o_proj = dense(config.num_heads * head_dim, config.width, ("heads", "embed"))
+        # Diagnostics (tools/binding.py): when set, each call sows the last position's attention
+        # weights, float32[B, kv heads, heads per kv head, S], as nnx.Intermediate 'last_attention'.
+        self.capture_attention = False
 
     def __call__(self, x, positions, key_valid, query_slots, layer_cache, cache_end):
         """x: float[B, T, W]; positions, query_slots: int32[B, T] / int32[T]; key_valid: bool[B, S]."""
@@ -127,7 +130,11 @@ class Attention(nnx.Module):
             value = jax.lax.dynamic_update_slice(cached_values, value.astype(cached_values.dtype), (0, cache_end, 0, 0))
         key_slots = jnp.arange(key.shape[1])
         mask = (key_slots[None, :] <= query_slots[:, None])[None] & key_valid[:, None, :]
-        out = layers.dot_product_attention(query, key, value, mask)
+        if self.capture_attention:
+            out, weights = layers.dot_product_attention(query, key, value, mask, return_weights=True)
+            self.sow(nnx.Intermediate, "last_attention", weights[:, :, :, -1])
+        else:
+            out = layers.dot_product_attention(query, key, value, mask)
         return checkpoint_name(self.o_proj(out.reshape(batch, length, -1)), scan.OUT), (key, value)
 
 
@@ -316,9 +323,12 @@ class LlamaLM(nnx.Module):
             graph, state = nnx.split(layer_at(index))
 
             def layer_fn(state, hiddens):
-                return run_layer(nnx.merge(graph, state), hiddens, layer_cache)
+                layer = nnx.merge(graph, state)
+                return run_layer(layer, hiddens, layer_cache), nnx.pop(layer, nnx.Intermediate)
 
-            hiddens, new_caches[index] = scan.remat(layer_fn, policy)(state, hiddens)
+            (hiddens, new_caches[index]), sown = scan.remat(layer_fn, policy)(state, hiddens)
+            if len(sown):  # diagnostics (Attention.capture_attention): kept on the layer for the caller
+                nnx.update(layer_at(index), sown)
             return hiddens
 
         hiddens = tuple(sharding.constrain(stream, _ACT) for stream in hiddens)

@@ -129,6 +129,9 @@ class GatedCrossAttentionBlock(nnx.Module):
         if config.init == "zero_output":
             for kernel in (self.to_out.linear.kernel, self.ffw.fc2.linear.kernel):
                 kernel[...] = jnp.zeros_like(kernel[...])
+        # Diagnostics (tools/binding.py): when set, each call sows what the block adds to the
+        # residual stream, float[B, T, W], as nnx.Intermediate 'delta'.
+        self.capture_output = False
 
     def media_kv(self, visual: jax.Array) -> tuple[jax.Array, jax.Array]:
         """float[B, N, L, media_width] -> keys, values float[B, N * L, heads, head_dim].
@@ -148,5 +151,8 @@ class GatedCrossAttentionBlock(nnx.Module):
         # exact zeros for them, so tokens before the first image get zero cross-attention output.
         attended = layers.dot_product_attention(query, media_kv[0], media_kv[1], mask)
         attended = checkpoint_name(self.to_out(attended.reshape(batch, length, -1)), scan.OUT)
-        x = x + jnp.tanh(self.attn_gate[...]).astype(x.dtype) * attended
-        return x + jnp.tanh(self.ffw_gate[...]).astype(x.dtype) * self.ffw(x)
+        out = x + jnp.tanh(self.attn_gate[...]).astype(x.dtype) * attended
+        out = out + jnp.tanh(self.ffw_gate[...]).astype(x.dtype) * self.ffw(out)
+        if self.capture_output:
+            self.sow(nnx.Intermediate, "delta", out - x)
+        return out

@@ -1,0 +1,247 @@
+"""Where in-context binding happens, or fails: attention and cross-attention probes on few-shot
+episodes, at the initialisation and at trained checkpoints.
+
+  python -m flamingo_jax.tools.binding --gin_file=RUN.gin --workdir=DIR \\
+      --task=binding_emoji_3way_novel [--shots=4] [--episodes=64] [--steps=0,320]
+
+For each step (0: the initialisation; default: 0 and the latest checkpoint) it runs episodes of a
+registered episodes task (``evaluation/episodic.py``) and reports, at the query's last position
+(``...<image>A photo of a``, where the answer is predicted):
+
+* **attention, per LM layer**: the attention mass on the demonstrations' tokens of the correct
+  label minus the mean mass on another label's tokens, averaged over heads and for the layer's
+  most selective head, and how often that head puts the most mass on the correct label. A layer
+  whose heads do not prefer the correct label does not retrieve it.
+* **cross-attention probe, per xattn block**: what the block adds to the residual stream at the
+  query's last position, compared (cosine) with the mean of what it adds at each label's tokens
+  in the demonstrations; the most similar label is the probe's answer. Near chance: the block
+  does not write the image's identity where the LM could match it.
+* **accuracy**: the model's ranked answers on the same episodes.
+
+Writes ``DIR/eval/binding_<task>.json``. Needs per-layer (not scanned) LM layers.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import jax
+import numpy as np
+from absl import app, flags
+from flax import nnx
+
+from flamingo_jax import configs, storage
+from flamingo_jax.data import episodes as ep
+from flamingo_jax.data.images import image_config_for, preprocess
+from flamingo_jax.evaluation.checkpoints import load_models
+from flamingo_jax.evaluation.episodic import EpisodeTask, episode_prompt
+from flamingo_jax.evaluation.fewshot import make_task
+from flamingo_jax.evaluation.generate import batch_prompts
+from flamingo_jax.evaluation.ranking import candidate_log_likelihoods
+from flamingo_jax.tokenizer import load_tokenizer
+
+
+def define_flags() -> None:
+    """Command-line flags, defined only when run as a script (importing stays flag-free)."""
+    flags.DEFINE_multi_string("gin_file", [], "The run's gin file(s).")
+    flags.DEFINE_multi_string("gin_bindings", [], "Extra bindings; also spelled --gin.KEY=VALUE.")
+    flags.DEFINE_string("workdir", None, "The run's directory (its checkpoints).")
+    flags.DEFINE_string("task", None, "A registered episodes task, e.g. binding_emoji_3way_novel.")
+    flags.DEFINE_integer("shots", 4, "Demonstrations per class.")
+    flags.DEFINE_integer("episodes", 64, "Episodes to diagnose.")
+    flags.DEFINE_integer("batch_size", 8, "Episodes per forward pass.")
+    flags.DEFINE_list("steps", [], "Checkpoint steps (0: the initialisation); default 0 and the latest.")
+
+
+def label_positions(tokenizer, episode: ep.Episode) -> tuple[list[int], dict[str, list[int]]]:
+    """The prompt's tokens and, for each label, the positions of its tokens in the demonstrations."""
+    positions: dict[str, list[int]] = {label: [] for label in episode.candidates}
+    text = ""
+    for demo in episode.demos:
+        text += "<image>" + ep.TEMPLATE.format("").rstrip(".").rstrip()  # "<image>A photo of a"
+        start = len(tokenizer.encode(text))
+        text += " " + demo.label
+        positions[demo.label].extend(range(start, len(tokenizer.encode(text))))
+        text += ".<|endofchunk|>"
+    tokens = tokenizer.encode(episode_prompt(episode))
+    if tokenizer.encode(text) != tokens[: len(tokenizer.encode(text))]:
+        raise ValueError(f"episode {episode.id!r}: its prompt does not tokenise piece by piece")
+    return tokens, positions
+
+
+def set_capture(model, on: bool) -> None:
+    """Switches the sowing of the LM's last-position attention and the xattn blocks' outputs."""
+    if model.config.lm.scan_layers:
+        raise ValueError("tools.binding needs per-layer LM layers (LlamaConfig.scan_layers = False)")
+    for layer in model.lm.layers:
+        layer.attention.capture_attention = on
+    for block in model.xattn_layers:
+        block.capture_output = on
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _captured(graphdef, state, tokens, input_mask, image_index, image_mask, images):
+    model = nnx.merge(graphdef, state)
+    model(tokens, image_index, image_mask, images, input_mask=input_mask, last_only=True)
+    return nnx.pop(model, nnx.Intermediate).to_pure_dict()
+
+
+def _by_index(tree: dict, leaf: str) -> list[np.ndarray]:
+    """The sown ``leaf`` arrays of a captured tree, ordered by the numeric index in their path."""
+    found = []
+    for path, value in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
+        if leaf in keys:
+            index = next(int(k) for k in keys if isinstance(k, int) or (isinstance(k, str) and k.isdigit()))
+            found.append((index, np.asarray(value)))
+    return [value for _, value in sorted(found, key=lambda item: item[0])]
+
+
+def diagnose(model, tokenizer, task: EpisodeTask, image_config, *, shots: int, episodes: int, batch_size: int) -> dict:
+    """The attention and probe statistics (see the module docstring) of ``episodes`` episodes."""
+    chosen = task.episodes(shots, 0, shots)[:episodes]
+    if not chosen or any(not e.demos for e in chosen):
+        raise ValueError(f"task {task.name!r}: no episodes with demonstrations at {shots} shots")
+    images: dict[str, np.ndarray] = {}
+
+    def image(name):
+        if name not in images:
+            images[name] = preprocess(ep.load_image(name, task.collections), image_config, None)
+        return images[name]
+
+    attention_rows, probe_rows, correct = [], [], []
+    set_capture(model, True)
+    try:
+        graphdef, state = nnx.split(model)
+        for start in range(0, len(chosen), batch_size):
+            batch = chosen[start : start + batch_size]
+            prompts, places = zip(*(label_positions(tokenizer, e) for e in batch), strict=True)
+            pictures = [[image(s.image) for s in (*e.demos, e.query)] for e in batch]
+            tokens, mask, index, media, image_mask = batch_prompts(
+                list(prompts), pictures, tokenizer.media_token_id, tokenizer.pad_id, batch_size, 16
+            )
+            tree = _captured(graphdef, state, tokens, mask, index, image_mask, media)
+            attention = _by_index(tree, "last_attention")  # per LM layer: [B, K, G, S]
+            deltas = _by_index(tree, "delta")  # per xattn block: [B, T, W]
+            candidates = [[tokenizer.encode(f" {c}.") for c in e.candidates] for e in batch]
+            candidates += [candidates[-1]] * (len(tokens) - len(batch))
+            scores = candidate_log_likelihoods(model, tokens, index, image_mask, media, candidates, input_mask=mask)
+            for row, (episode, where) in enumerate(zip(batch, places, strict=True)):
+                pad = tokens.shape[1] - len(prompts[row])
+                spans = [np.asarray(where[c]) + pad for c in episode.candidates]
+                answer = episode.answer
+                per_layer = []
+                for weights in attention:
+                    heads = weights[row].reshape(-1, weights.shape[-1])  # [H, S]
+                    mass = np.stack([heads[:, span].sum(axis=1) for span in spans], axis=1)  # [H, C]
+                    others = np.delete(mass, answer, axis=1)
+                    per_layer.append((mass[:, answer] - others.mean(axis=1), mass[:, answer] > others.max(axis=1)))
+                attention_rows.append(per_layer)
+                per_block = []
+                for delta in deltas:
+                    query = delta[row, -1]
+                    means = np.stack([delta[row, span].mean(axis=0) for span in spans])
+                    similarity = (
+                        means @ query / np.maximum(np.linalg.norm(means, axis=1) * np.linalg.norm(query), 1e-12)
+                    )
+                    per_block.append(int(np.argmax(similarity)) == answer)
+                probe_rows.append(per_block)
+                correct.append(int(np.argmax(scores[row])) == answer)
+    finally:
+        set_capture(model, False)
+    layers = []
+    for layer in range(len(attention_rows[0])):
+        margin = np.stack([r[layer][0] for r in attention_rows])  # [E, H]
+        wins = np.stack([r[layer][1] for r in attention_rows])
+        best = int(np.argmax(margin.mean(axis=0)))
+        layers.append(
+            {
+                "layer": layer,
+                "mean_margin": float(margin.mean()),
+                "best_head": best,
+                "best_head_margin": float(margin[:, best].mean()),
+                "best_head_correct": float(wins[:, best].mean()),
+            }
+        )
+    xattn_layers = list(model.config.xattn_layer_indices)
+    probes = [
+        {"block": b, "lm_layer": int(xattn_layers[b]), "probe_accuracy": float(np.mean([r[b] for r in probe_rows]))}
+        for b in range(len(probe_rows[0]))
+    ]
+    return {
+        "episodes": len(chosen),
+        "shots": shots,
+        "ways": len(chosen[0].candidates),
+        "accuracy": float(np.mean(correct)),
+        "attention": layers,
+        "xattn_probe": probes,
+    }
+
+
+def format_results(results: dict) -> str:
+    lines = []
+    for step, r in results.items():
+        chance = 100 / r["ways"]
+        lines.append(
+            f"step {step}: {r['ways']}-way {r['shots']}-shot, {r['episodes']} episodes, accuracy "
+            f"{100 * r['accuracy']:.1f}% (chance {chance:.1f}%)"
+        )
+        lines.append("  layer  mean margin  best head: margin  correct-first")
+        for a in r["attention"]:
+            lines.append(
+                f"  {a['layer']:>5}  {a['mean_margin']:>11.4f}  {a['best_head']:>9}: {a['best_head_margin']:.4f}"
+                f"  {100 * a['best_head_correct']:>12.1f}%"
+            )
+        lines.append("  xattn block (before LM layer): probe accuracy")
+        lines += [f"  {p['block']:>5} ({p['lm_layer']:>2}): {100 * p['probe_accuracy']:.1f}%" for p in r["xattn_probe"]]
+    return "\n".join(lines)
+
+
+def binding_run(run_config, eval_config, workdir: str, steps, *, task: str, **options) -> dict:
+    """{step: diagnose(...)} for each of ``steps`` (None: the latest checkpoint)."""
+    built = make_task(task, eval_config)
+    if not isinstance(built, EpisodeTask):
+        raise ValueError(f"task {task!r} is not an episodes task")
+    tokenizer = load_tokenizer(run_config.tokenizer)
+    image_config = image_config_for(run_config.model.vision)
+    return {
+        step: diagnose(model, tokenizer, built, image_config, **options)
+        for model, step, _, _ in load_models(run_config, workdir, steps)
+    }
+
+
+def main(argv) -> None:
+    args = flags.FLAGS
+    if len(argv) > 1:
+        sys.exit(f"binding: unexpected arguments {argv[1:]}")
+    if not (args.gin_file and args.workdir and args.task):
+        sys.exit("binding: --gin_file, --workdir and --task are required")
+    try:
+        steps = [int(s) for s in args.steps] if args.steps else [0, None]
+    except ValueError:
+        sys.exit(f"binding: --steps must be integers, got {args.steps}")
+    configs.parse_gin(args.gin_file, args.gin_bindings)
+    try:
+        results = binding_run(
+            configs.run_config(),
+            configs.eval_config(),
+            args.workdir,
+            steps,
+            task=args.task,
+            shots=args.shots,
+            episodes=args.episodes,
+            batch_size=args.batch_size,
+        )
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"binding: {error}")
+    print(format_results(results))
+    if jax.process_index() == 0:
+        path = storage.path(args.workdir) / "eval" / f"binding_{args.task}.json"
+        storage.write_text(path, json.dumps({str(k): v for k, v in results.items()}, indent=1))
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main, argv=configs.rewrite_gin_args(sys.argv))
