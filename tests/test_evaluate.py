@@ -10,6 +10,7 @@ import os
 import numpy as np
 import pytest
 from PIL import Image
+from test_episodes import COLOURS, colour_image  # also registers the 'test_colours' collection
 
 import flamingo_jax.demo  # noqa: F401  (registers the demo's tasks these tests evaluate on)
 from flamingo_jax import configs
@@ -158,8 +159,6 @@ def test_eval_scores_an_episodes_file_and_a_blind_model_scores_chance(evaluated,
     """``--mode=eval``'s evaluation of the 'episodes' task on a JSON-lines file the test writes
     (its own shot counts, each episode's own candidates); and on sampled novel-word episodes the
     initialisation, whose gates at 0 keep the images out, scores chance (3-way: 33.3%)."""
-    from test_episodes import COLOURS, colour_image
-
     from flamingo_jax.data import episodes as ep
 
     rng = np.random.default_rng(0)
@@ -205,3 +204,34 @@ def test_eval_scores_an_episodes_file_and_a_blind_model_scores_chance(evaluated,
     values = read_record(evaluated, "episodes", 0)["results"]["1"]
     assert values["episodes"] == 144 and values["prototype"] > 95.0  # the images do tell the classes apart
     assert abs(values["accuracy"] - 100 / 3) < 3 * values["accuracy_se"]
+
+
+def test_binding_diagnosis_finds_the_labels_and_reads_the_blocks(evaluated):
+    """tools/binding.py: label positions decode to the labels; one attention row per LM layer and
+    one probe per xattn block; at the initialisation the blocks add nothing (gates at 0), so the
+    probe's answer is always the first candidate."""
+    from flamingo_jax.evaluation.fewshot import make_task
+    from flamingo_jax.tokenizer import load_tokenizer
+    from flamingo_jax.tools import binding
+
+    run_config, eval_config = configs_for(
+        "EvalConfig.task_options={'episodes': {'collection': 'test_colours', 'classes': 'all'}}"
+    )
+    tokenizer = load_tokenizer(run_config.tokenizer)
+    task = make_task("episodes", eval_config)
+    episodes = task.episodes(2, 0, 2)[:6]
+    for episode in episodes:
+        tokens, places = binding.label_positions(tokenizer, episode)
+        for label, positions in places.items():
+            text = tokenizer.decode([tokens[p] for p in positions])
+            assert text == (" " + label) * 2  # two demonstrations each
+    results = binding.binding_run(
+        run_config, eval_config, str(evaluated), [0, None], task="episodes", shots=2, episodes=6, batch_size=6
+    )
+    assert sorted(results) == [0, SMOKE_STEPS]
+    for result in results.values():
+        assert len(result["attention"]) == run_config.model.lm.num_layers
+        assert [p["lm_layer"] for p in result["xattn_probe"]] == list(run_config.model.xattn_layer_indices)
+        assert all(np.isfinite(a["mean_margin"]) for a in result["attention"])
+    first = np.mean([e.answer == 0 for e in episodes])
+    assert all(p["probe_accuracy"] == first for p in results[0]["xattn_probe"])
