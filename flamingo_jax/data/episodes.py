@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from flamingo_jax.data import builders
-from flamingo_jax.data.images import decode_image
+from flamingo_jax.data.images import image_file
 from flamingo_jax.registry import Registry
 
 FLAVOURS = ("names", "novel", "words")
@@ -85,14 +85,6 @@ class Collection:
 COLLECTIONS: Registry[Callable[..., Collection]] = Registry("image collection")
 
 
-def _file_loader(path: str) -> ImageLoader:
-    def load():
-        with open(path, "rb") as f:
-            return decode_image(f.read())
-
-    return load
-
-
 def image_folder(root: str, *, name: str | None = None, min_images: int = 2) -> Collection:
     """A folder of class folders (``root/<class name>/<image files>``); underscores in a folder's
     name read as spaces. Classes with fewer than ``min_images`` images are left out."""
@@ -106,7 +98,7 @@ def image_folder(root: str, *, name: str | None = None, min_images: int = 2) -> 
         files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_SUFFIXES))
         if len(files) >= min_images:
             classes.append(entry.replace("_", " "))
-            images.append(tuple(_file_loader(os.path.join(folder, f)) for f in files))
+            images.append(tuple(image_file(os.path.join(folder, f)) for f in files))
     if not classes:
         raise FileNotFoundError(f"image_folder: no class folder in {root!r} has {min_images} or more images")
     return Collection(name or os.path.basename(os.path.normpath(root)), tuple(classes), tuple(images))
@@ -339,8 +331,7 @@ def load_image(image: str, collections: dict[str, Collection] | None = None) -> 
     prefix = image.split("/", 1)[0]
     if collections and prefix in collections and not os.path.isfile(image):
         return collections[prefix].load(image)
-    image_array = np.asarray(_file_loader(image)())
-    return np.repeat(image_array[..., None], 3, axis=-1) if image_array.ndim == 2 else image_array[..., :3]
+    return image_file(image)()  # decoded as RGB
 
 
 # -- training documents ------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
@@ -27,6 +28,16 @@ class BadRecord(Exception):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.also = tuple(also)  # further reasons found on the way (e.g. a document's bad images)
+
+
+def image_file(path: str) -> Callable[[], np.ndarray]:
+    """A loader of the image file at ``path`` (read and decoded when called)."""
+
+    def load():
+        with open(path, "rb") as f:
+            return decode_image(f.read())
+
+    return load
 
 
 def decode_image(data: bytes, *, max_pixels: int = 64_000_000) -> np.ndarray:

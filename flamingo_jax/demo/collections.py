@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from flamingo_jax.data.episodes import COLLECTIONS, Collection
+from flamingo_jax.data.images import image_file
 from flamingo_jax.demo.fashion_mnist import CLASSES, FASHION_MNIST_DIR, read_fashion_mnist
 from flamingo_jax.evaluation.episodic import episodes_task
 from flamingo_jax.evaluation.tasks import TASKS
@@ -136,13 +137,6 @@ def _size_of(directory: str) -> int | None:
     return None
 
 
-def _png(path: str) -> np.ndarray:
-    from flamingo_jax.data.images import decode_image
-
-    with open(path, "rb") as f:
-        return decode_image(f.read())
-
-
 @COLLECTIONS.register("icons")
 def icons(*, min_themes: int = 5, min_size: int = 32, root: str = ICON_ROOT, themes=ICON_THEMES) -> Collection:
     """Icon names drawn by at least ``min_themes`` of ``themes`` as classes (``'media-eject'``
@@ -165,7 +159,7 @@ def icons(*, min_themes: int = 5, min_size: int = 32, root: str = ICON_ROOT, the
             continue
         seen.add(files)
         classes.append(label)
-        loaders.append(tuple(functools.partial(_png, p) for p in files))
+        loaders.append(tuple(image_file(p) for p in files))
     return Collection("icons", tuple(classes), tuple(loaders))
 
 

@@ -76,6 +76,24 @@ def answer_of(text: str) -> str:
     return text.strip()
 
 
+class EpisodeImages:
+    """Preprocessed images of episodes by id or path (reused across shot counts and seeds)."""
+
+    def __init__(self, collections: dict[str, ep.Collection], image_config: ImageConfig):
+        self.collections, self.config, self._images = collections, image_config, {}
+
+    def __call__(self, image: str) -> np.ndarray:
+        if image not in self._images:
+            self._images[image] = preprocess(ep.load_image(image, self.collections), self.config, None)
+        return self._images[image]
+
+
+def candidate_tokens(tokenizer, episodes: list[ep.Episode], rows: int) -> list[list[list[int]]]:
+    """Each episode's candidates as scored (``' ' + label + '.'``), the last repeated to ``rows``."""
+    candidates = [[tokenizer.encode(f" {c}.") for c in e.candidates] for e in episodes]
+    return candidates + [candidates[-1]] * (rows - len(episodes))
+
+
 def prototype_prediction(episode: ep.Episode, features: dict[str, np.ndarray]) -> int:
     """The candidate whose demonstrations' mean (L2-normalised) feature is most similar to the
     query's by cosine; -1 without demonstrations."""
@@ -99,15 +117,10 @@ class EpisodeEvaluator:
 
     def __init__(self, task: EpisodeTask, tokenizer, config, image_config: ImageConfig):
         self.task, self.tokenizer, self.config, self.image_config = task, tokenizer, config, image_config
-        self._images: dict[str, np.ndarray] = {}
+        self._image = EpisodeImages(task.collections, image_config)
         self._features_cache: dict[str, np.ndarray] = {}
         self.results: dict[int, dict] = {}
         self.predictions: dict[int, dict[int, list[dict]]] = {}
-
-    def _image(self, image: str) -> np.ndarray:
-        if image not in self._images:
-            self._images[image] = preprocess(ep.load_image(image, self.task.collections), self.image_config, None)
-        return self._images[image]
 
     def run(self, model) -> Iterator[tuple[str, float]]:
         task, config = self.task, self.config
@@ -131,7 +144,7 @@ class EpisodeEvaluator:
             summary = {key: float(np.mean([s[key] for s in per_seed])) for key in per_seed[0] if key != "episodes"}
             for key in list(summary):
                 summary[f"{key}_std"] = float(np.std([s[key] for s in per_seed]))
-                p = float(np.mean([s[key] * s["episodes"] for s in per_seed])) * len(per_seed) / total / 100.0
+                p = sum(s[key] * s["episodes"] for s in per_seed) / total / 100.0  # pooled over seeds
                 summary[f"{key}_se"] = 100.0 * float(np.sqrt(max(p * (1 - p), 0.0) / total))
             self.results[shots] = {**summary, "episodes": total, "per_seed": per_seed, "metric": "accuracy"}
             self.predictions[shots] = by_seed
@@ -179,8 +192,7 @@ class EpisodeEvaluator:
                     config.batch_size,
                     config.prompt_length_multiple,
                 )
-                candidates = [[tokenizer.encode(f" {c}.") for c in e.candidates] for e in batch]
-                candidates += [candidates[-1]] * (len(tokens) - len(batch))
+                candidates = candidate_tokens(tokenizer, batch, len(tokens))
                 scores = candidate_log_likelihoods(model, tokens, index, image_mask, media, candidates, input_mask=mask)
                 generated = None
                 if self.task.open_ended:

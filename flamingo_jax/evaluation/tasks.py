@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from flamingo_jax.data.images import decode_image
+from flamingo_jax.data.images import image_file
 from flamingo_jax.registry import Registry
 
 KINDS = ("captioning", "vqa", "classification", "binary")
@@ -118,14 +118,6 @@ def grey_to_rgb(image: np.ndarray) -> np.ndarray:
 # -- readers for the standard formats --------------------------------------------------------
 
 
-def _image_file(path: str) -> Callable[[], np.ndarray]:
-    def load():
-        with open(path, "rb") as f:
-            return decode_image(f.read())
-
-    return load
-
-
 def read_karpathy(
     path: str, image_root: str, *, split: str = "test", pool_split: str = "train", name: str = "coco"
 ) -> Task:
@@ -141,7 +133,7 @@ def read_karpathy(
                 out.append(
                     Example(
                         str(item.get("cocoid", item["filename"])),
-                        _image_file(file),
+                        image_file(file),
                         [s["raw"].strip() for s in item["sentences"]],
                     )
                 )
@@ -177,7 +169,7 @@ def read_vqav2(
                 raise ValueError(f"{annotations_path}: no annotation for question {q['question_id']}")
             file = os.path.join(image_root, pattern.format(image_id=q["image_id"]))
             answers = [a["answer"] for a in annotation["answers"]]
-            out.append(Example(str(q["question_id"]), _image_file(file), answers, question=q["question"]))
+            out.append(Example(str(q["question_id"]), image_file(file), answers, question=q["question"]))
         return out
 
     queries = read(questions, annotations, image_name)
@@ -201,7 +193,7 @@ def read_hateful_memes(
                     out.append(
                         Example(
                             str(item["id"]),
-                            _image_file(os.path.join(image_root, item["img"])),
+                            image_file(os.path.join(image_root, item["img"])),
                             label=int(item["label"]),
                             text=item["text"],
                         )

@@ -34,9 +34,9 @@ from flax import nnx
 
 from flamingo_jax import configs, storage
 from flamingo_jax.data import episodes as ep
-from flamingo_jax.data.images import image_config_for, preprocess
+from flamingo_jax.data.images import image_config_for
 from flamingo_jax.evaluation.checkpoints import load_models
-from flamingo_jax.evaluation.episodic import EpisodeTask, episode_prompt
+from flamingo_jax.evaluation.episodic import EpisodeImages, EpisodeTask, candidate_tokens, episode_prompt
 from flamingo_jax.evaluation.fewshot import make_task
 from flamingo_jax.evaluation.generate import batch_prompts
 from flamingo_jax.evaluation.ranking import candidate_log_likelihoods
@@ -104,13 +104,7 @@ def diagnose(model, tokenizer, task: EpisodeTask, image_config, *, shots: int, e
     chosen = task.episodes(shots, 0, shots)[:episodes]
     if not chosen or any(not e.demos for e in chosen):
         raise ValueError(f"task {task.name!r}: no episodes with demonstrations at {shots} shots")
-    images: dict[str, np.ndarray] = {}
-
-    def image(name):
-        if name not in images:
-            images[name] = preprocess(ep.load_image(name, task.collections), image_config, None)
-        return images[name]
-
+    image = EpisodeImages(task.collections, image_config)
     attention_rows, probe_rows, correct = [], [], []
     set_capture(model, True)
     try:
@@ -125,8 +119,7 @@ def diagnose(model, tokenizer, task: EpisodeTask, image_config, *, shots: int, e
             tree = _captured(graphdef, state, tokens, mask, index, image_mask, media)
             attention = _by_index(tree, "last_attention")  # per LM layer: [B, K, G, S]
             deltas = _by_index(tree, "delta")  # per xattn block: [B, T, W]
-            candidates = [[tokenizer.encode(f" {c}.") for c in e.candidates] for e in batch]
-            candidates += [candidates[-1]] * (len(tokens) - len(batch))
+            candidates = candidate_tokens(tokenizer, batch, len(tokens))
             scores = candidate_log_likelihoods(model, tokens, index, image_mask, media, candidates, input_mask=mask)
             for row, (episode, where) in enumerate(zip(batch, places, strict=True)):
                 pad = tokens.shape[1] - len(prompts[row])
