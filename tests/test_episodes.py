@@ -13,6 +13,7 @@ from PIL import Image
 
 from flamingo_jax.data import episodes as ep
 from flamingo_jax.evaluation.episodic import answer_of, episode_prompt, prototype_prediction
+from flamingo_jax.tokenizer import Tokenizer
 
 # Twelve classes of solid colours (a class's images differ by a little noise): an image's
 # class can be read back from its pixels.
@@ -183,16 +184,106 @@ def test_episodes_file_round_trip_and_errors(tmp_path):
         ep.read_episodes(str(tmp_path / "wrong.jsonl"))
 
 
-def test_prompt_answer_and_prototype_reference():
+def test_prompt_tokens_follow_the_training_documents_and_the_prototype_reference():
+    """The prompt is tokenised text by text as a training document (a leading space after the
+    first), the candidates continue it, the label positions hold the labels; with the template
+    '{}.' the query ends at its <image>."""
+    tokenizer = Tokenizer.from_bytes()
     episode = ep.Episode(
         (ep.Shot("a", "dax"), ep.Shot("b", "wug"), ep.Shot("c", "dax")), ep.Shot("q", "wug"), ("dax", "wug")
     )
-    assert episode_prompt(episode) == (
-        "<image>A photo of a dax.<|endofchunk|><image>A photo of a wug.<|endofchunk|>"
-        "<image>A photo of a dax.<|endofchunk|><image>A photo of a"
+    prompt = episode_prompt(tokenizer, episode)
+    assert tokenizer.decode(prompt.tokens) == (
+        "<image>A photo of a dax.<|endofchunk|><image> A photo of a wug.<|endofchunk|>"
+        "<image> A photo of a dax.<|endofchunk|><image> A photo of a"
     )
+    assert [tokenizer.decode(c) for c in prompt.candidates] == [" dax.", " wug."]
+    assert {k: tokenizer.decode([prompt.tokens[i] for i in v]) for k, v in prompt.label_positions.items()} == {
+        "dax": " dax dax",
+        "wug": " wug",
+    }
+    short = episode_prompt(tokenizer, episode, "{}.")
+    assert tokenizer.decode(short.tokens) == (
+        "<image>dax.<|endofchunk|><image> wug.<|endofchunk|><image> dax.<|endofchunk|><image>"
+    )
+    assert [tokenizer.decode(c) for c in short.candidates] == [" dax.", " wug."]
+    assert tokenizer.decode([short.tokens[i] for i in short.label_positions["dax"]]) == "dax dax"
+    alone = episode_prompt(tokenizer, ep.Episode((), ep.Shot("q", "dax"), ("dax", "wug")), "{}.")
+    assert alone.tokens == [tokenizer.media_token_id] and tokenizer.decode(alone.candidates[1]) == "wug."
+    with pytest.raises(ValueError, match="exactly one"):
+        ep.split_template("A photo")
     assert answer_of(" wug.<|endofchunk|><image>") == "wug" and answer_of(" dax wug") == "dax wug"
     features = {"a": np.asarray([1.0, 0.0]), "b": np.asarray([0.0, 1.0]), "c": np.asarray([0.8, 0.6])}
     assert prototype_prediction(episode, {**features, "q": np.asarray([0.1, 0.99])}) == 1
     assert prototype_prediction(episode, {**features, "q": np.asarray([0.9, 0.3])}) == 0
     assert prototype_prediction(ep.Episode((), ep.Shot("q", "dax"), ("dax", "wug")), features) == -1
+
+
+def test_iid_sequences_and_answerable_labels():
+    """An 'iid' sequence draws each shot's class afresh (no label count tells the next one); a
+    label is answerable once an earlier shot named it, or always when it is the real name."""
+    collection = colours(per_class=12)
+    follows = {True: [], False: []}  # next label equal to the more frequent one so far?
+    for index in range(300):
+        shots = ep.sample_sequence(collection, 2, 9, "novel", np.random.default_rng(index))
+        images = [s.image for s in shots]
+        assert len(shots) == 9 and len(set(images)) == 9 and len({s.label for s in shots}) <= 2
+        assert not {s.label for s in shots} & set(COLOURS)
+        by_label = {}
+        for shot in shots:
+            by_label.setdefault(shot.label, set()).add(class_of(collection.load(shot.image)))
+        assert all(len(found) == 1 for found in by_label.values())
+        counts = {}
+        for position, shot in enumerate(shots):
+            if position >= 4 and len(counts) == 2 and len(set(counts.values())) == 2:
+                follows[True].append(shot.label == max(counts, key=counts.get))
+            counts[shot.label] = counts.get(shot.label, 0) + 1
+    # Balanced episodes favour the rarer label; iid sequences favour neither (about 50%).
+    assert 0.42 < np.mean(follows[True]) < 0.58
+    shots = [ep.Shot("a", "dax"), ep.Shot("b", "wug"), ep.Shot("c", "dax"), ep.Shot("d", "wug"), ep.Shot("e", "zib")]
+    assert ep.answerable(shots, "novel") == [False, False, True, True, False]
+    assert ep.answerable(shots, "names") == [True] * 5
+
+
+def test_episode_documents_iid_answerable_and_template(tmp_path):
+    """EpisodeDocuments with order='iid', loss='answerable' and a template: each record's texts
+    read the template with their labels, and its text_weights mark the answerable ones; the
+    converted example counts no target of an unanswerable text."""
+    from flamingo_jax.data import records
+    from flamingo_jax.data.images import ImageConfig
+
+    builder = ep.EpisodeDocuments(
+        source=str(tmp_path),
+        collections={"test_colours": {}},
+        ways=(2, 3),
+        shots=(2,),
+        max_images=7,
+        documents=30,
+        order="iid",
+        loss="answerable",
+        template="It is {}!",
+        flavours={"novel": 0.5, "names": 0.5},
+        data_dir=str(tmp_path / "data"),
+    )
+    tokenizer = Tokenizer.from_bytes()
+    converter = records.DocumentConverter(tokenizer, ImageConfig(image_size=16), 160, 7, 1.0, train=False)
+    kinds = set()
+    for _, record in builder._generate_examples():
+        texts = json.loads(record["texts"])
+        labels = [t.removeprefix("It is ").removesuffix("!") for t in texts]
+        assert all(t == f"It is {label}!" for t, label in zip(texts, labels, strict=True))
+        flavour = "names" if set(labels) <= set(COLOURS) else "novel"
+        kinds.add(flavour)
+        shots = [ep.Shot(str(i), label) for i, label in enumerate(labels)]
+        assert record["text_weights"].tolist() == [float(k) for k in ep.answerable(shots, flavour)]
+        example = converter(record, np.random.default_rng(0))
+        tokens, mask = example["tokens"], example["loss_mask"]
+        chunk = np.cumsum(tokens == tokenizer.media_token_id) - 1  # which text each token belongs to
+        for t in range(len(tokens) - 1):
+            if tokens[t + 1] not in (tokenizer.media_token_id, tokenizer.pad_id) and chunk[t + 1] >= 0:
+                assert mask[t] == record["text_weights"][chunk[t + 1]]
+    assert kinds == {"names", "novel"}
+    with pytest.raises(ValueError, match="order='random'"):
+        ep.EpisodeDocuments(source=str(tmp_path), collections={"test_colours": {}}, order="random")
+    with pytest.raises(ValueError, match="exactly one"):
+        ep.EpisodeDocuments(source=str(tmp_path), collections={"test_colours": {}}, template="no label")

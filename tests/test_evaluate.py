@@ -210,6 +210,7 @@ def test_binding_diagnosis_finds_the_labels_and_reads_the_blocks(evaluated):
     """tools/binding.py: label positions decode to the labels; one attention row per LM layer and
     one probe per xattn block; at the initialisation the blocks add nothing (gates at 0), so the
     probe's answer is always the first candidate."""
+    from flamingo_jax.evaluation.episodic import episode_prompt
     from flamingo_jax.evaluation.fewshot import make_task
     from flamingo_jax.tokenizer import load_tokenizer
     from flamingo_jax.tools import binding
@@ -221,9 +222,9 @@ def test_binding_diagnosis_finds_the_labels_and_reads_the_blocks(evaluated):
     task = make_task("episodes", eval_config)
     episodes = task.episodes(2, 0, 2)[:6]
     for episode in episodes:
-        tokens, places = binding.label_positions(tokenizer, episode)
-        for label, positions in places.items():
-            text = tokenizer.decode([tokens[p] for p in positions])
+        prompt = episode_prompt(tokenizer, episode, task.template)
+        for label, positions in prompt.label_positions.items():
+            text = tokenizer.decode([prompt.tokens[p] for p in positions])
             assert text == (" " + label) * 2  # two demonstrations each
     results = binding.binding_run(
         run_config, eval_config, str(evaluated), [0, None], task="episodes", shots=2, episodes=6, batch_size=6

@@ -42,6 +42,22 @@ def test_interleaved_placement_before_and_after():
     assert targets == [3, 4, 5, 6, E, E]
 
 
+def test_sentence_weights_scale_the_targets_of_their_text_and_its_endofchunk():
+    sentences = [[1, 2], [3], [4, 5]]
+    images = [_image(1), _image(2), _image(3)]
+    example = examples.interleaved_example(
+        sentences, images, [0, 1, 2], ids=IDS, rng=_Fixed([0.0] * 3), length=12, sentence_weights=[0.0, 1.0, 0.5]
+    )
+    tokens = example["tokens"].tolist()
+    assert tokens == [M, 1, 2, E, M, 3, E, M, 4, 5, E, 0]
+    weights = {t: float(example["loss_mask"][t - 1]) for t in range(1, 12) if example["loss_mask"][t - 1]}
+    # Targets 1, 2 and their E weigh 0; 3 and its E 1; 4, 5 and the last E 0.5; no <image> target.
+    assert weights == {5: 1.0, 6: 1.0, 8: 0.5, 9: 0.5, 10: 0.5}
+    plain = examples.interleaved_example(sentences, images, [0, 1, 2], ids=IDS, rng=_Fixed([0.0] * 3), length=12)
+    assert plain["tokens"].tolist() == tokens
+    np.testing.assert_array_equal(plain["loss_mask"] > 0, [t in (0, 1, 2, 4, 5, 7, 8, 9) for t in range(12)])
+
+
 def test_text_between_endofchunk_and_next_image_is_not_a_target():
     tokens = np.array([M, 3, E, 7, 8, M, 4, E, 0], np.int32)
     mask = examples.loss_mask_for(tokens, IDS)

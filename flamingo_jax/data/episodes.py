@@ -33,6 +33,7 @@ import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import tensorflow_datasets as tfds
 
 from flamingo_jax.data import builders
 from flamingo_jax.data.images import image_file
@@ -40,6 +41,13 @@ from flamingo_jax.registry import Registry
 
 FLAVOURS = ("names", "novel", "words")
 TEMPLATE = "A photo of a {}."
+# Training documents: 'balanced' episodes (their demonstrations, then the query), or 'iid'
+# sequences whose every image's class is drawn afresh (no count of earlier labels predicts it).
+ORDERS = ("balanced", "iid")
+# Which labels of a training document carry a loss: 'all', or 'answerable' (those an earlier
+# shot of the document names: a label seen for the first time cannot be known from the document
+# unless it is the class's real name).
+LOSSES = ("all", "answerable")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 
 ImageLoader = Callable[[], np.ndarray]
@@ -157,6 +165,15 @@ def episode_labels(
                 labels.append(word)
         return labels
     raise ValueError(f"unknown label flavour {flavour!r}; available: {list(FLAVOURS)}")
+
+
+def split_template(template: str) -> tuple[str, str]:
+    """(the text before the label, the text after it) of a template with one ``{}``:
+    ``'A photo of a {}.'`` -> ``('A photo of a ', '.')``."""
+    if template.count("{}") != 1:
+        raise ValueError(f"a label template needs exactly one '{{}}', got {template!r}")
+    head, tail = template.split("{}")
+    return head, tail
 
 
 # -- episodes ----------------------------------------------------------------------------------
@@ -281,6 +298,49 @@ def sample_episodes(
     ]
 
 
+def sample_sequence(
+    collection: Collection,
+    ways: int,
+    length: int,
+    flavour: str,
+    rng: np.random.Generator,
+    *,
+    classes: Sequence[int] | None = None,
+    words: Sequence[str] = (),
+    avoid=(),
+) -> list[Shot]:
+    """``length`` shots of ``ways`` classes (from ``classes``, default all), each shot's class
+    drawn independently and uniformly, every image distinct, labels of ``flavour`` bound for this
+    sequence. Unlike a balanced episode, no count of the earlier labels tells the next one."""
+    pool = list(range(len(collection.classes)) if classes is None else classes)
+    usable = [c for c in pool if len(collection.images[c]) >= 2]
+    if len(usable) < ways:
+        raise ValueError(
+            f"collection {collection.name!r}: {ways}-way sequences need {ways} classes with 2+ images, "
+            f"{len(usable)} have them"
+        )
+    chosen = [usable[i] for i in rng.choice(len(usable), ways, replace=False)]
+    labels = episode_labels(flavour, [collection.classes[c] for c in chosen], rng, words=words, avoid=avoid)
+    orders = [list(rng.permutation(len(collection.images[c]))) for c in chosen]
+    shots = []
+    for _ in range(length):
+        open_ways = [w for w in range(ways) if orders[w]]  # a class whose images are used up is not drawn again
+        way = open_ways[int(rng.integers(len(open_ways)))]
+        shots.append(Shot(collection.image_id(chosen[way], int(orders[way].pop())), labels[way]))
+    return shots
+
+
+def answerable(shots: Sequence[Shot], flavour: str) -> list[bool]:
+    """Whether each shot's label can be known from the document: named by an earlier shot, or
+    any label of the ``'names'`` flavour (the class's own name, known from the image)."""
+    seen: set[str] = set()
+    known = []
+    for shot in shots:
+        known.append(flavour == "names" or shot.label in seen)
+        seen.add(shot.label)
+    return known
+
+
 # -- JSON lines --------------------------------------------------------------------------------
 
 
@@ -343,8 +403,8 @@ def open_collections(specs: dict[str, dict]) -> dict[str, Collection]:
 
 
 class EpisodeDocuments(builders.Builder):
-    """Few-shot episodes as interleaved training documents: ``<image>A photo of a {label}.
-    <|endofchunk|>`` for each demonstration, then the query with its label, so the later shots
+    """Few-shot episodes as interleaved training documents: ``<image>`` and the ``template``
+    (default ``A photo of a {label}.``) then ``<|endofchunk|>`` for each shot, so the later shots
     can only be answered from the earlier ones when the labels are invented for the document.
 
     ``collections``: ``{registered collection: options}``; classes of each whose name hashes
@@ -352,10 +412,14 @@ class EpisodeDocuments(builders.Builder):
     collection (``weights``, default equal), a way count from ``ways`` and a shot count from
     ``shots`` (with at most ``max_images`` images), and a label flavour by ``flavours``
     (``{flavour: probability}``). The ``'words'`` flavour draws from the training classes' names
-    of every collection; invented words never equal a class name. ``source`` is not read (the
-    collections know their files); ``documents`` are written, reproducibly from ``seed``."""
+    of every collection; invented words never equal a class name. ``order`` (:data:`ORDERS`):
+    a balanced episode (``ways x shots`` demonstrations, then the query), or as many images whose
+    classes are drawn independently (``'iid'``). ``loss`` (:data:`LOSSES`): ``'answerable'``
+    gives the texts whose label no earlier shot names (:func:`answerable`) no loss. ``source`` is
+    not read (the collections know their files); ``documents`` are written, reproducibly from
+    ``seed``."""
 
-    FEATURES = builders.DOCUMENT_FEATURES
+    FEATURES = {**builders.DOCUMENT_FEATURES, "text_weights": tfds.features.Sequence(np.float32)}
 
     def __init__(
         self,
@@ -369,6 +433,9 @@ class EpisodeDocuments(builders.Builder):
         flavours: dict[str, float] | None = None,
         max_images: int = 12,
         documents: int = 10_000,
+        order: str = "balanced",
+        loss: str = "all",
+        template: str = TEMPLATE,
         seed: int = 0,
         **kwargs,
     ):
@@ -376,6 +443,11 @@ class EpisodeDocuments(builders.Builder):
         unknown = set(flavours) - set(FLAVOURS)
         if unknown:
             raise ValueError(f"EpisodeDocuments: unknown flavours {sorted(unknown)}; available: {list(FLAVOURS)}")
+        if order not in ORDERS:
+            raise ValueError(f"EpisodeDocuments: order={order!r}; available: {list(ORDERS)}")
+        if loss not in LOSSES:
+            raise ValueError(f"EpisodeDocuments: loss={loss!r}; available: {list(LOSSES)}")
+        split_template(template)
         if not any(w * s + 1 <= max_images for w in ways for s in shots):
             raise ValueError(f"EpisodeDocuments: no (ways, shots) in {ways} x {shots} fits max_images={max_images}")
         COLLECTIONS.check(collections, "EpisodeDocuments.collections")
@@ -388,6 +460,9 @@ class EpisodeDocuments(builders.Builder):
             flavours=flavours,
             max_images=max_images,
             documents=documents,
+            order=order,
+            loss=loss,
+            template=template,
             seed=seed,
         )
         super().__init__(source=source, **kwargs)
@@ -408,11 +483,15 @@ class EpisodeDocuments(builders.Builder):
             name = names[rng.choice(len(names), p=weights / weights.sum())]
             ways, shots = shapes[rng.integers(len(shapes))]
             flavour = flavours[rng.choice(len(flavours), p=chances / chances.sum())]
-            episode = sample_episode(
-                opened[name], ways, shots, flavour, rng, classes=training[name], words=words, avoid=avoid
-            )
-            shown = (*episode.demos, episode.query)
+            chosen = dict(classes=training[name], words=words, avoid=avoid)
+            if o["order"] == "iid":
+                shown = sample_sequence(opened[name], ways, ways * shots + 1, flavour, rng, **chosen)
+            else:
+                episode = sample_episode(opened[name], ways, shots, flavour, rng, **chosen)
+                shown = [*episode.demos, episode.query]
             key = f"{name}/{index}"
-            texts = [TEMPLATE.format(s.label) for s in shown]
+            texts = [o["template"].format(s.label) for s in shown]
             images = [builders.png_bytes(opened[name].load(s.image)) for s in shown]
-            yield key, builders.document_record(key, texts, images, list(range(len(shown))))
+            record = builders.document_record(key, texts, images, list(range(len(shown))))
+            known = answerable(shown, flavour) if o["loss"] == "answerable" else [True] * len(shown)
+            yield key, {**record, "text_weights": np.asarray(known, np.float32)}

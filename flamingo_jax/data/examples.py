@@ -56,7 +56,16 @@ def loss_mask_for(tokens: np.ndarray, ids: SpecialIds) -> np.ndarray:
     return mask
 
 
-def _finish(tokens: list[int], images: list[np.ndarray], length: int, num_media: int, ids: SpecialIds, frame_shape):
+def _finish(
+    tokens: list[int],
+    images: list[np.ndarray],
+    length: int,
+    num_media: int,
+    ids: SpecialIds,
+    frame_shape,
+    target_weights: list[float] | None = None,
+):
+    """``target_weights``: a factor per token of ``tokens`` on the loss of predicting it."""
     token_array = np.full(length, ids.pad, np.int32)
     token_array[: len(tokens)] = tokens[:length]
     media = np.zeros((num_media, *frame_shape), np.float32)
@@ -65,12 +74,17 @@ def _finish(tokens: list[int], images: list[np.ndarray], length: int, num_media:
         media[slot] = image
         image_mask[slot] = True
     index = image_index_for(token_array, ids.media)
+    loss_mask = loss_mask_for(token_array, ids)
+    if target_weights is not None:
+        factors = np.ones(length, np.float32)
+        factors[: len(tokens)] = target_weights[:length]
+        loss_mask[:-1] *= factors[1:]
     return {
         "tokens": token_array,
         "images": media,
         "image_mask": image_mask,
         "image_index": index,
-        "loss_mask": loss_mask_for(token_array, ids),
+        "loss_mask": loss_mask,
     }
 
 
@@ -84,6 +98,7 @@ def interleaved_example(
     length: int = 256,
     max_images: int = 5,
     p_next: float = 0.5,
+    sentence_weights: list[float] | None = None,
 ) -> dict | None:
     """An interleaved document -> one example, or None when no image survives the window.
 
@@ -91,26 +106,38 @@ def interleaved_example(
       sentences: token ids of each text segment, in document order.
       images: float[F, H, W, C] per image.
       matched_sentence: for each image, the index of the sentence it belongs to.
+      sentence_weights: a factor per sentence on the loss of its tokens and of the
+        ``<|endofchunk|>`` that closes it (e.g. 0 for a label no earlier text could predict).
     """
     before = {index: [] for index in range(len(sentences))}
     after = {index: [] for index in range(len(sentences))}
     for image, sentence in enumerate(matched_sentence):
         (before if rng.random() < p_next else after)[sentence].append(image)
     stream: list[int] = []  # tokens, with -(image + 1) standing for the <image> of that image
+    weights: list[float] = []  # the loss factor of each entry of stream
+    weight_of = (lambda index: 1.0) if sentence_weights is None else (lambda index: float(sentence_weights[index]))
     for index, sentence in enumerate(sentences):
         for image in before[index]:
             stream.append(-(image + 1))
         stream.extend(sentence)
         for image in after[index]:
             stream.append(-(image + 1))
+        weights.extend([weight_of(index)] * (len(before[index]) + len(sentence) + len(after[index])))
     # <|endofchunk|> closes the text of each image: before every <image> but the first, and at
-    # the end of the document.
+    # the end of the document; it weighs as the text it closes.
     with_chunks: list[int] = []
-    for token in stream:
+    chunk_weights: list[float] = []
+    last_text_weight = 1.0
+    for token, weight in zip(stream, weights, strict=True):
         if token < 0 and any(t < 0 for t in with_chunks):
             with_chunks.append(ids.endofchunk)
+            chunk_weights.append(last_text_weight)
         with_chunks.append(token)
+        chunk_weights.append(weight)
+        if token >= 0:
+            last_text_weight = weight
     with_chunks.append(ids.endofchunk)
+    chunk_weights.append(last_text_weight)
 
     if len(with_chunks) > length:
         # A random window, started at an <image> when possible so the window has one early.
@@ -120,6 +147,7 @@ def interleaved_example(
         else:
             start = int(rng.integers(0, len(with_chunks) - length + 1))
         with_chunks = with_chunks[start : start + length]
+        chunk_weights = chunk_weights[start : start + length]
     kept: list[int] = []
     tokens: list[int] = []
     for token in with_chunks:
@@ -132,7 +160,8 @@ def interleaved_example(
             tokens.append(token)
     if not kept:
         return None
-    return _finish(tokens, [images[i] for i in kept], length, max_images, ids, images[0].shape)
+    target_weights = None if sentence_weights is None else chunk_weights[: len(tokens)]
+    return _finish(tokens, [images[i] for i in kept], length, max_images, ids, images[0].shape, target_weights)
 
 
 def pair_example(caption: list[int], image: np.ndarray, *, ids: SpecialIds, length: int) -> dict:

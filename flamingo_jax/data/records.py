@@ -77,7 +77,9 @@ class PairConverter:
 @dataclasses.dataclass(frozen=True)
 class DocumentConverter:
     """An ``MMC4Documents`` record -> an interleaved example (images that fail to decode are
-    dropped from the document and counted; a document left without images is skipped)."""
+    dropped from the document and counted; a document left without images is skipped). A record
+    may carry ``text_weights``, a loss factor per text (``examples.interleaved_example``'s
+    ``sentence_weights``)."""
 
     tokenizer: object
     image_config: ImageConfig
@@ -100,6 +102,9 @@ class DocumentConverter:
                 skipped.append(f"document_image/{error.reason}")
         if not images:
             raise BadRecord("no_images", also=tuple(skipped))
+        weights = record.get("text_weights")  # optional: a loss factor per text
+        if weights is not None and len(weights) != len(sentences):
+            raise BadRecord("bad_text_weights", also=tuple(skipped))
         example = examples.interleaved_example(
             sentences,
             images,
@@ -109,6 +114,7 @@ class DocumentConverter:
             length=self.length,
             max_images=self.max_images,
             p_next=self.p_next,
+            sentence_weights=None if weights is None else [float(w) for w in weights],
         )
         if example is None:
             raise BadRecord("no_images_in_window", also=tuple(skipped))

@@ -1,9 +1,11 @@
 """Few-shot episodes as an evaluation task: does the model learn new classes and new words from
 its demonstrations (``flamingo_jax.data.episodes``)?
 
-Each episode is one prompt: its demonstrations ``<image>A photo of a {label}.<|endofchunk|>``,
-then ``<image>A photo of a``. The model's answer is ranked among the episode's candidate labels
-(``' ' + label + '.'``, log-likelihood on the cached prompt) and, with ``open_ended``, also
+Each episode is one prompt: its demonstrations ``<image>A photo of a {label}.<|endofchunk|>``
+(the task's ``template``), then ``<image>A photo of a``, tokenised as training documents are
+(each text on its own, with a leading space after the first: ``records.DocumentConverter``). The
+model's answer is ranked among the episode's candidate labels (the rest of the query's text,
+``' ' + label + '.'``, log-likelihood on the cached prompt) and, with ``open_ended``, also
 generated greedily and read up to its first full stop. ``shots`` are demonstrations per class;
 0 shots is the query alone. Beside the model, the encoder-only reference: nearest-prototype
 accuracy of the frozen vision encoder's features on the same episodes (the class whose
@@ -31,8 +33,6 @@ from flamingo_jax.evaluation.tasks import TASKS
 
 log = logging.getLogger(__name__)
 
-QUERY = "A photo of a"
-
 
 @dataclasses.dataclass
 class EpisodeTask:
@@ -46,11 +46,13 @@ class EpisodeTask:
     fixed: list[ep.Episode] | None = None
     collections: dict[str, ep.Collection] = dataclasses.field(default_factory=dict)
     open_ended: bool = False
+    template: str = ep.TEMPLATE
     kind: str = dataclasses.field(default="episodes", init=False)
 
     def __post_init__(self):
         if (self.sample is None) == (self.fixed is None):
             raise ValueError(f"EpisodeTask {self.name!r}: give exactly one of sample and fixed")
+        ep.split_template(self.template)
 
     def episodes(self, shots: int, seed: int, max_shots: int) -> list[ep.Episode]:
         if self.fixed is not None:
@@ -64,9 +66,40 @@ class EpisodeTask:
         return tuple(configured)
 
 
-def episode_prompt(episode: ep.Episode) -> str:
-    demos = "".join("<image>" + ep.TEMPLATE.format(d.label) + "<|endofchunk|>" for d in episode.demos)
-    return demos + "<image>" + QUERY
+@dataclasses.dataclass(frozen=True)
+class EpisodePrompt:
+    """An episode's prompt ids, each candidate's ids as it continues the prompt, and the
+    positions of each label's tokens in the demonstrations (for ``tools.binding``)."""
+
+    tokens: list[int]
+    candidates: list[list[int]]
+    label_positions: dict[str, list[int]]
+
+
+def episode_prompt(tokenizer, episode: ep.Episode, template: str = ep.TEMPLATE) -> EpisodePrompt:
+    """The prompt tokenised as ``records.DocumentConverter`` tokenises a training document: each
+    text on its own, after the first with a leading space; ``<image>`` before and
+    ``<|endofchunk|>`` after each demonstration's text; the query's text up to its label."""
+    head, _ = ep.split_template(template)
+    sentence = lambda index, text: (" " if index else "") + text.strip()  # as DocumentConverter encodes
+    tokens: list[int] = []
+    positions: dict[str, list[int]] = {label: [] for label in episode.candidates}
+    for index, demo in enumerate(episode.demos):
+        before = tokenizer.encode(sentence(index, head).rstrip())
+        with_label = tokenizer.encode(sentence(index, head + demo.label))
+        start = len(tokens) + 1  # after the <image>
+        positions[demo.label].extend(range(start + len(before), start + len(with_label)))
+        tokens += [tokenizer.media_token_id, *tokenizer.encode(sentence(index, template.format(demo.label)))]
+        tokens.append(tokenizer.endofchunk_token_id)
+    last = len(episode.demos)
+    query = tokenizer.encode(sentence(last, head).rstrip())
+    candidates = []
+    for label in episode.candidates:
+        full = tokenizer.encode(sentence(last, template.format(label)))
+        if full[: len(query)] != query:
+            raise ValueError(f"episode {episode.id!r}: the candidate {label!r} does not continue the prompt's tokens")
+        candidates.append(full[len(query) :])
+    return EpisodePrompt([*tokens, tokenizer.media_token_id, *query], candidates, positions)
 
 
 def answer_of(text: str) -> str:
@@ -88,10 +121,10 @@ class EpisodeImages:
         return self._images[image]
 
 
-def candidate_tokens(tokenizer, episodes: list[ep.Episode], rows: int) -> list[list[list[int]]]:
-    """Each episode's candidates as scored (``' ' + label + '.'``), the last repeated to ``rows``."""
-    candidates = [[tokenizer.encode(f" {c}.") for c in e.candidates] for e in episodes]
-    return candidates + [candidates[-1]] * (rows - len(episodes))
+def candidate_rows(prompts: list[EpisodePrompt], rows: int) -> list[list[list[int]]]:
+    """Each prompt's candidates as scored, the last repeated to ``rows``."""
+    candidates = [p.candidates for p in prompts]
+    return candidates + [candidates[-1]] * (rows - len(prompts))
 
 
 def prototype_prediction(episode: ep.Episode, features: dict[str, np.ndarray]) -> int:
@@ -182,17 +215,17 @@ class EpisodeEvaluator:
                 0, len(group), config.batch_size, desc=f"{self.task.name} {shots}-shot seed {seed}", leave=False
             ):
                 batch = group[start : start + config.batch_size]
-                prompts = [tokenizer.encode(episode_prompt(e)) for e in batch]
+                prompts = [episode_prompt(tokenizer, e, self.task.template) for e in batch]
                 images = [[self._image(s.image) for s in (*e.demos, e.query)] for e in batch]
                 tokens, mask, index, media, image_mask = batch_prompts(
-                    prompts,
+                    [p.tokens for p in prompts],
                     images,
                     tokenizer.media_token_id,
                     tokenizer.pad_id,
                     config.batch_size,
                     config.prompt_length_multiple,
                 )
-                candidates = candidate_tokens(tokenizer, batch, len(tokens))
+                candidates = candidate_rows(prompts, len(tokens))
                 scores = candidate_log_likelihoods(model, tokens, index, image_mask, media, candidates, input_mask=mask)
                 generated = None
                 if self.task.open_ended:
@@ -246,16 +279,18 @@ def episodes_task(
     heldout_fraction: float = 0.2,
     open_ended: bool = False,
     num_queries: int = 300,
+    template: str = ep.TEMPLATE,
     name: str = "episodes",
 ) -> EpisodeTask:
     """N-way few-shot episodes: drawn from a registered image ``collection`` (``classes``:
     'heldout', 'training' or 'all' of its classes, split by ``heldout_fraction`` as training
     documents split them), ``num_queries`` per seed, with labels of ``flavour``; or read from a
-    JSON-lines ``path`` (``data.episodes.read_episodes``: the file fixes everything)."""
+    JSON-lines ``path`` (``data.episodes.read_episodes``: the file fixes the episodes). Each shot
+    reads ``template`` with its label (``EpisodeDocuments.template`` of the training data)."""
     if (collection is None) == (path is None):
         raise ValueError(f"task {name!r}: set exactly one of collection and path")
     if path is not None:
-        return EpisodeTask(name, fixed=ep.read_episodes(path), open_ended=open_ended)
+        return EpisodeTask(name, fixed=ep.read_episodes(path), open_ended=open_ended, template=template)
     if classes not in ("heldout", "training", "all"):
         raise ValueError(f"task {name!r}: classes={classes!r}; one of 'heldout', 'training', 'all'")
     opened = ep.COLLECTIONS[collection](**(collection_options or {}))
@@ -276,4 +311,4 @@ def episodes_task(
             min_images=max_shots + 1,
         )
 
-    return EpisodeTask(name, sample=sample, collections={opened.name: opened}, open_ended=open_ended)
+    return EpisodeTask(name, sample=sample, collections={opened.name: opened}, open_ended=open_ended, template=template)

@@ -33,10 +33,9 @@ from absl import app, flags
 from flax import nnx
 
 from flamingo_jax import configs, storage
-from flamingo_jax.data import episodes as ep
 from flamingo_jax.data.images import image_config_for
 from flamingo_jax.evaluation.checkpoints import load_models
-from flamingo_jax.evaluation.episodic import EpisodeImages, EpisodeTask, candidate_tokens, episode_prompt
+from flamingo_jax.evaluation.episodic import EpisodeImages, EpisodeTask, candidate_rows, episode_prompt
 from flamingo_jax.evaluation.fewshot import make_task
 from flamingo_jax.evaluation.generate import batch_prompts
 from flamingo_jax.evaluation.ranking import candidate_log_likelihoods
@@ -53,22 +52,6 @@ def define_flags() -> None:
     flags.DEFINE_integer("episodes", 64, "Episodes to diagnose.")
     flags.DEFINE_integer("batch_size", 8, "Episodes per forward pass.")
     flags.DEFINE_list("steps", [], "Checkpoint steps (0: the initialisation); default 0 and the latest.")
-
-
-def label_positions(tokenizer, episode: ep.Episode) -> tuple[list[int], dict[str, list[int]]]:
-    """The prompt's tokens and, for each label, the positions of its tokens in the demonstrations."""
-    positions: dict[str, list[int]] = {label: [] for label in episode.candidates}
-    text = ""
-    for demo in episode.demos:
-        text += "<image>" + ep.TEMPLATE.format("").rstrip(".").rstrip()  # "<image>A photo of a"
-        start = len(tokenizer.encode(text))
-        text += " " + demo.label
-        positions[demo.label].extend(range(start, len(tokenizer.encode(text))))
-        text += ".<|endofchunk|>"
-    tokens = tokenizer.encode(episode_prompt(episode))
-    if tokenizer.encode(text) != tokens[: len(tokenizer.encode(text))]:
-        raise ValueError(f"episode {episode.id!r}: its prompt does not tokenise piece by piece")
-    return tokens, positions
 
 
 def set_capture(model, on: bool) -> None:
@@ -111,19 +94,19 @@ def diagnose(model, tokenizer, task: EpisodeTask, image_config, *, shots: int, e
         graphdef, state = nnx.split(model)
         for start in range(0, len(chosen), batch_size):
             batch = chosen[start : start + batch_size]
-            prompts, places = zip(*(label_positions(tokenizer, e) for e in batch), strict=True)
+            prompts = [episode_prompt(tokenizer, e, task.template) for e in batch]
             pictures = [[image(s.image) for s in (*e.demos, e.query)] for e in batch]
             tokens, mask, index, media, image_mask = batch_prompts(
-                list(prompts), pictures, tokenizer.media_token_id, tokenizer.pad_id, batch_size, 16
+                [p.tokens for p in prompts], pictures, tokenizer.media_token_id, tokenizer.pad_id, batch_size, 16
             )
             tree = _captured(graphdef, state, tokens, mask, index, image_mask, media)
             attention = _by_index(tree, "last_attention")  # per LM layer: [B, K, G, S]
             deltas = _by_index(tree, "delta")  # per xattn block: [B, T, W]
-            candidates = candidate_tokens(tokenizer, batch, len(tokens))
+            candidates = candidate_rows(prompts, len(tokens))
             scores = candidate_log_likelihoods(model, tokens, index, image_mask, media, candidates, input_mask=mask)
-            for row, (episode, where) in enumerate(zip(batch, places, strict=True)):
-                pad = tokens.shape[1] - len(prompts[row])
-                spans = [np.asarray(where[c]) + pad for c in episode.candidates]
+            for row, (episode, prompt) in enumerate(zip(batch, prompts, strict=True)):
+                pad = tokens.shape[1] - len(prompt.tokens)
+                spans = [np.asarray(prompt.label_positions[c]) + pad for c in episode.candidates]
                 answer = episode.answer
                 per_layer = []
                 for weights in attention:
