@@ -240,6 +240,9 @@ def test_iid_sequences_and_answerable_labels():
             counts[shot.label] = counts.get(shot.label, 0) + 1
     # Balanced episodes favour the rarer label; iid sequences favour neither (about 50%).
     assert 0.42 < np.mean(follows[True]) < 0.58
+    # Classes of 6 images: a 2-way sequence ends when both are used up.
+    short = ep.sample_sequence(colours(per_class=6), 2, 16, "names", np.random.default_rng(0))
+    assert len(short) == 12 and len({s.image for s in short}) == 12
     shots = [ep.Shot("a", "dax"), ep.Shot("b", "wug"), ep.Shot("c", "dax"), ep.Shot("d", "wug"), ep.Shot("e", "zib")]
     assert ep.answerable(shots, "novel") == [False, False, True, True, False]
     assert ep.answerable(shots, "names") == [True] * 5
@@ -256,7 +259,6 @@ def test_episode_documents_iid_answerable_and_template(tmp_path):
         source=str(tmp_path),
         collections={"test_colours": {}},
         ways=(2, 3),
-        shots=(2,),
         max_images=7,
         documents=30,
         order="iid",
@@ -271,7 +273,7 @@ def test_episode_documents_iid_answerable_and_template(tmp_path):
     for _, record in builder._generate_examples():
         texts = json.loads(record["texts"])
         labels = [t.removeprefix("It is ").removesuffix("!") for t in texts]
-        assert all(t == f"It is {label}!" for t, label in zip(texts, labels, strict=True))
+        assert len(texts) == 7 and all(t == f"It is {label}!" for t, label in zip(texts, labels, strict=True))
         flavour = "names" if set(labels) <= set(COLOURS) else "novel"
         kinds.add(flavour)
         shots = [ep.Shot(str(i), label) for i, label in enumerate(labels)]

@@ -102,6 +102,11 @@ def test_task_options_init_tasks_and_init_shots():
     config = fewshot.EvalConfig(tasks=(a,), shots=(0, 4, 8), init_shots=(4,))
     assert (config.shots_for(None), config.shots_for(320), config.shots_for(0)) == ((0, 4, 8), (0, 4, 8), (4,))
     assert fewshot.EvalConfig(tasks=(a,), shots=(0, 4)).shots_for(0) == (0, 4)
+    # A task's own shots (task_options) replace the config's, except at the initialisation's init_shots.
+    config = fewshot.EvalConfig(tasks=(a, b), shots=(0, 4), init_shots=(4,), task_options={b: {"shots": [1, 2]}})
+    assert (config.shots_for(None, a), config.shots_for(None, b), config.shots_for(0, b)) == ((0, 4), (1, 2), (4,))
+    with pytest.raises(ValueError, match=r"task_options\['fashion_mnist'\]\['shots'\]=4: must be a list"):
+        fewshot.EvalConfig(tasks=(a,), task_options={a: {"shots": 4}})
     with pytest.raises(ValueError, match="shots must be >= 0"):
         fewshot.EvalConfig(tasks=(a,), init_shots=(-1,))
     # A name outside the task registry is refused when the config is built, before any training.

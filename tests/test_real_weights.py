@@ -100,3 +100,18 @@ def test_gguf_tokenizer_flamingo_tokens():
     tokens, mask = tokenizer.encode_batch(["a cat", "<image>a big dog"], 6, padding_side="left")
     assert mask.tolist() == [[False] * 4 + [True] * 2, [False] * 2 + [True] * 4]
     assert tokens[1, 2] == 49152 and tokens[0, 0] == tokenizer.pad_id
+
+
+def test_smollm2_binding_circuit_heads():
+    """tools.binding's head scan finds the previous-token head 16.0 and the induction heads
+    17.3, 17.4 and 18.6 that docs/evaluation.md names as SmolLM2-135M's binding circuit (the
+    demo places its first cross-attention block below them, at layer 14)."""
+    from flamingo_jax.tools.binding import lm_head_scores
+
+    _, lm = llama_from_pretrained(GGUF)
+    scores = lm_head_scores(lm)
+    induction, previous = np.asarray(scores["induction"]), np.asarray(scores["previous_token"])
+    assert induction.shape == previous.shape == (30, 9)
+    assert previous[16, 0] > 0.8 and min(induction[17, 3], induction[17, 4], induction[18, 6]) > 0.7
+    assert induction[:14].max() < 0.1  # no induction head below the first block
+    assert np.all(induction + previous <= 1.0 + 1e-6)  # two positions of one softmax row

@@ -311,7 +311,8 @@ def sample_sequence(
 ) -> list[Shot]:
     """``length`` shots of ``ways`` classes (from ``classes``, default all), each shot's class
     drawn independently and uniformly, every image distinct, labels of ``flavour`` bound for this
-    sequence. Unlike a balanced episode, no count of the earlier labels tells the next one."""
+    sequence. Unlike a balanced episode, no count of the earlier labels tells the next one. A
+    class whose images are used up is not drawn again; the sequence ends early when all are."""
     pool = list(range(len(collection.classes)) if classes is None else classes)
     usable = [c for c in pool if len(collection.images[c]) >= 2]
     if len(usable) < ways:
@@ -324,7 +325,9 @@ def sample_sequence(
     orders = [list(rng.permutation(len(collection.images[c]))) for c in chosen]
     shots = []
     for _ in range(length):
-        open_ways = [w for w in range(ways) if orders[w]]  # a class whose images are used up is not drawn again
+        open_ways = [w for w in range(ways) if orders[w]]
+        if not open_ways:
+            break
         way = open_ways[int(rng.integers(len(open_ways)))]
         shots.append(Shot(collection.image_id(chosen[way], int(orders[way].pop())), labels[way]))
     return shots
@@ -413,8 +416,9 @@ class EpisodeDocuments(builders.Builder):
     ``shots`` (with at most ``max_images`` images), and a label flavour by ``flavours``
     (``{flavour: probability}``). The ``'words'`` flavour draws from the training classes' names
     of every collection; invented words never equal a class name. ``order`` (:data:`ORDERS`):
-    a balanced episode (``ways x shots`` demonstrations, then the query), or as many images whose
-    classes are drawn independently (``'iid'``). ``loss`` (:data:`LOSSES`): ``'answerable'``
+    a balanced episode (``ways x shots`` demonstrations, then the query), or ``max_images``
+    images whose classes are drawn independently (``'iid'``: ``shots`` unused; a document fills
+    its sequence, with its early shots the few-shot cases). ``loss`` (:data:`LOSSES`): ``'answerable'``
     gives the texts whose label no earlier shot names (:func:`answerable`) no loss. ``source`` is
     not read (the collections know their files); ``documents`` are written, reproducibly from
     ``seed``."""
@@ -448,7 +452,9 @@ class EpisodeDocuments(builders.Builder):
         if loss not in LOSSES:
             raise ValueError(f"EpisodeDocuments: loss={loss!r}; available: {list(LOSSES)}")
         split_template(template)
-        if not any(w * s + 1 <= max_images for w in ways for s in shots):
+        if order == "iid" and max_images <= max(ways):
+            raise ValueError(f"EpisodeDocuments: iid documents of {max(ways)} ways need max_images > {max(ways)}")
+        if order == "balanced" and not any(w * s + 1 <= max_images for w in ways for s in shots):
             raise ValueError(f"EpisodeDocuments: no (ways, shots) in {ways} x {shots} fits max_images={max_images}")
         COLLECTIONS.check(collections, "EpisodeDocuments.collections")
         self._options = dict(
@@ -477,7 +483,10 @@ class EpisodeDocuments(builders.Builder):
         names = list(opened)
         weights = np.asarray([(o["weights"] or {}).get(n, 1.0) for n in names], np.float64)
         flavours, chances = list(o["flavours"]), np.asarray(list(o["flavours"].values()), np.float64)
-        shapes = [(w, s) for w in o["ways"] for s in o["shots"] if w * s + 1 <= o["max_images"]]
+        if o["order"] == "iid":
+            shapes = [(w, None) for w in o["ways"]]
+        else:
+            shapes = [(w, s) for w in o["ways"] for s in o["shots"] if w * s + 1 <= o["max_images"]]
         for index in range(o["documents"]):
             rng = np.random.default_rng([o["seed"], index])
             name = names[rng.choice(len(names), p=weights / weights.sum())]
@@ -485,7 +494,7 @@ class EpisodeDocuments(builders.Builder):
             flavour = flavours[rng.choice(len(flavours), p=chances / chances.sum())]
             chosen = dict(classes=training[name], words=words, avoid=avoid)
             if o["order"] == "iid":
-                shown = sample_sequence(opened[name], ways, ways * shots + 1, flavour, rng, **chosen)
+                shown = sample_sequence(opened[name], ways, o["max_images"], flavour, rng, **chosen)
             else:
                 episode = sample_episode(opened[name], ways, shots, flavour, rng, **chosen)
                 shown = [*episode.demos, episode.query]

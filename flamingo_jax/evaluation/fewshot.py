@@ -36,8 +36,8 @@ class EvalConfig:
     """What ``flamingo_jax.main --mode=eval`` (and ``RunConfig.evaluate_at_end``) runs.
 
     ``tasks``: names registered in ``tasks.TASKS``. ``task_options``: ``{task: {option: value}}``
-    passed to that task's factory (file paths of the standard benchmarks, ``num_queries`` for
-    that task alone, ...). ``checkpoint_step``: None for the latest. ``include_init`` also
+    passed to that task's factory (file paths of the standard benchmarks, ``num_queries`` or
+    ``shots`` for that task alone, ...). ``checkpoint_step``: None for the latest. ``include_init`` also
     evaluates the initialisation (step 0: the frozen LM, gates at 0) as the baseline, on the
     tasks ``init_tasks`` and the shot counts ``init_shots`` when those are set (None: all).
     ``prompt_length_multiple``: prompts are left-padded to a multiple of this many tokens, so
@@ -79,6 +79,11 @@ class EvalConfig:
             count = options.get("num_queries", 1)
             if not isinstance(count, int) or count < 1:
                 raise ValueError(f"EvalConfig.task_options[{name!r}]['num_queries']={count!r}: must be a positive int")
+            task_shots = options.get("shots", (0,))
+            if not isinstance(task_shots, (list, tuple)) or not all(isinstance(k, int) and k >= 0 for k in task_shots):
+                raise ValueError(
+                    f"EvalConfig.task_options[{name!r}]['shots']={task_shots!r}: must be a list of ints >= 0"
+                )
 
     def __hash__(self):  # task_options is a dict; gin needs configs hashable
         return hash(repr(self))
@@ -89,11 +94,13 @@ class EvalConfig:
             return tuple(self.tasks)
         return tuple(name for name in self.tasks if name in self.init_tasks)
 
-    def shots_for(self, step: int | None) -> tuple[int, ...]:
-        """The shot counts evaluated at ``step`` (0: the initialisation: ``init_shots`` if set)."""
-        if step != 0 or self.init_shots is None:
-            return tuple(self.shots)
-        return tuple(self.init_shots)
+    def shots_for(self, step: int | None, task_name: str | None = None) -> tuple[int, ...]:
+        """The shot counts evaluated at ``step`` (0: the initialisation: ``init_shots`` if set), of
+        ``task_name`` when its ``task_options`` set its own ``shots``."""
+        if step == 0 and self.init_shots is not None:
+            return tuple(self.init_shots)
+        own = (self.task_options or {}).get(task_name, {}).get("shots") if task_name else None
+        return tuple(self.shots if own is None else own)
 
     def options_for(self, task_name: str) -> dict:
         """The options ``task_name``'s factory is offered: ``num_queries`` and ``pool_size``, then
@@ -115,8 +122,9 @@ def make_task(name: str, config: EvalConfig) -> Task:
     factory = TASKS[name]
     parameters = inspect.signature(factory).parameters
     offered = {key: value for key, value in config.options_for(name).items() if value is not None}
-    # num_queries and pool_size are the protocol's own options (it slices the task by them).
-    unknown = set((config.task_options or {}).get(name, {})) - set(parameters) - {"num_queries", "pool_size"}
+    # num_queries, pool_size and shots are the protocol's own options (it slices the task by them).
+    protocol = {"num_queries", "pool_size", "shots"}
+    unknown = set((config.task_options or {}).get(name, {})) - set(parameters) - protocol
     if unknown and not any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
         raise ValueError(f"EvalConfig.task_options[{name!r}]: {sorted(unknown)} are not options of the task")
     missing = [

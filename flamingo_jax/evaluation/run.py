@@ -50,9 +50,9 @@ def evaluate_steps(
     tasks_to_run = tasks_to_run or build_tasks(eval_config)
     outputs = []
     for model, step, mesh, rules in load_models(run_config, workdir, steps, trained):
-        config = dataclasses.replace(eval_config, checkpoint_step=step, shots=eval_config.shots_for(step))
         written = {}
-        for name in config.tasks_for(step):
+        for name in eval_config.tasks_for(step):
+            config = dataclasses.replace(eval_config, checkpoint_step=step, shots=eval_config.shots_for(step, name))
             task = tasks_to_run[name]
             with sharding.activation_sharding(mesh, rules):
                 result = fewshot.evaluate_task(model, tokenizer, task, config, image_config=image_config)

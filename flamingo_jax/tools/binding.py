@@ -19,6 +19,16 @@ registered episodes task (``evaluation/episodic.py``) and reports, at the query'
 * **accuracy**: the model's ranked answers on the same episodes.
 
 Writes ``DIR/eval/binding_<task>.json``. Needs per-layer (not scanned) LM layers.
+
+  python -m flamingo_jax.tools.binding --gin_file=RUN.gin --workdir=DIR --lm_heads
+
+instead scores every head of the frozen LM on random token sequences repeated twice (Olsson et
+al. 2022, "In-context learning and induction heads"): its **induction** score (attention from a
+token's second occurrence to the token after its first) and its **previous-token** score. The
+LM's own binding circuit is a previous-token head feeding an induction head; an image can only
+take part in it if a cross-attention block writes it into the stream below both (SmolLM2-135M:
+previous-token head 16.0, induction heads 17.3, 17.4 and 18.6; docs/evaluation.md). Writes
+``DIR/eval/binding_lm_heads.json``.
 """
 
 from __future__ import annotations
@@ -52,6 +62,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("episodes", 64, "Episodes to diagnose.")
     flags.DEFINE_integer("batch_size", 8, "Episodes per forward pass.")
     flags.DEFINE_list("steps", [], "Checkpoint steps (0: the initialisation); default 0 and the latest.")
+    flags.DEFINE_bool("lm_heads", False, "Score the frozen LM's induction and previous-token heads instead.")
 
 
 def set_capture(model, on: bool) -> None:
@@ -80,6 +91,56 @@ def _by_index(tree: dict, leaf: str) -> list[np.ndarray]:
             index = next(int(k) for k in keys if isinstance(k, int) or (isinstance(k, str) and k.isdigit()))
             found.append((index, np.asarray(value)))
     return [value for _, value in sorted(found, key=lambda item: item[0])]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _lm_captured(graphdef, state, tokens):
+    lm = nnx.merge(graphdef, state)
+    lm.backbone(lm.embed_tokens(tokens))
+    return nnx.pop(lm, nnx.Intermediate).to_pure_dict()
+
+
+def lm_head_scores(lm, *, sequences: int = 32, length: int = 40, cuts=(25, 28, 31, 34, 37), seed: int = 0) -> dict:
+    """Per LM layer, per head: the **induction** score (attention from the last position, a
+    token's second occurrence, to the token that followed its first) and the **previous-token**
+    score (attention to the position before), averaged over ``sequences`` random token sequences
+    of ``length`` repeated up to each of ``cuts``. {'induction': float[L, H], 'previous_token':
+    float[L, H]} as nested lists. ``lm``: a per-layer (not scanned) ``LlamaLM``."""
+    config = lm.config
+    if config.scan_layers:
+        raise ValueError("tools.binding needs per-layer LM layers (LlamaConfig.scan_layers = False)")
+    rng = np.random.default_rng(seed)
+    random_tokens = rng.integers(config.vocab_size // 20, config.vocab_size, (sequences, length))
+    induction = np.zeros((config.num_layers, config.num_heads))
+    previous = np.zeros_like(induction)
+    for layer in lm.layers:
+        layer.attention.capture_attention = True
+    try:
+        graphdef, state = nnx.split(lm)
+        for cut in cuts:
+            tokens = np.concatenate([random_tokens, random_tokens[:, :cut]], axis=1)  # last: token cut - 1 again
+            tree = _lm_captured(graphdef, state, tokens.astype(np.int32))
+            for layer, weights in enumerate(_by_index(tree, "last_attention")):
+                heads = weights.reshape(sequences, config.num_heads, -1)  # [B, H, S]
+                induction[layer] += heads[:, :, cut].mean(axis=0) / len(cuts)
+                previous[layer] += heads[:, :, -2].mean(axis=0) / len(cuts)
+    finally:
+        for layer in lm.layers:
+            layer.attention.capture_attention = False
+    return {"induction": induction.round(4).tolist(), "previous_token": previous.round(4).tolist()}
+
+
+def format_lm_heads(scores: dict, top: int = 8) -> str:
+    lines = []
+    for kind in ("induction", "previous_token"):
+        values = np.asarray(scores[kind])
+        order = np.argsort(values, axis=None)[::-1][:top]
+        best = ", ".join(
+            f"{layer}.{head} {values[layer, head]:.2f}"
+            for layer, head in zip(*np.unravel_index(order, values.shape), strict=True)
+        )
+        lines.append(f"{kind} heads (layer.head score): {best}")
+    return "\n".join(lines)
 
 
 def diagnose(model, tokenizer, task: EpisodeTask, image_config, *, shots: int, episodes: int, batch_size: int) -> dict:
@@ -192,13 +253,20 @@ def main(argv) -> None:
     args = flags.FLAGS
     if len(argv) > 1:
         sys.exit(f"binding: unexpected arguments {argv[1:]}")
-    if not (args.gin_file and args.workdir and args.task):
-        sys.exit("binding: --gin_file, --workdir and --task are required")
+    if not (args.gin_file and args.workdir and (args.task or args.lm_heads)):
+        sys.exit("binding: --gin_file, --workdir and --task (or --lm_heads) are required")
     try:
         steps = [int(s) for s in args.steps] if args.steps else [0, None]
     except ValueError:
         sys.exit(f"binding: --steps must be integers, got {args.steps}")
     configs.parse_gin(args.gin_file, args.gin_bindings)
+    if args.lm_heads:
+        model = next(load_models(configs.run_config(), args.workdir, [0]))[0]
+        scores = lm_head_scores(model.lm)
+        print(format_lm_heads(scores))
+        if jax.process_index() == 0:
+            storage.write_text(storage.path(args.workdir) / "eval" / "binding_lm_heads.json", json.dumps(scores))
+        return
     try:
         results = binding_run(
             configs.run_config(),
