@@ -128,3 +128,21 @@ def test_demo_eval_overrides_to_fewer_tasks():
     configs.parse_gin(["flamingo_jax/demo/demo_cpu.gin"], ["EvalConfig.tasks=['fashion_mnist_captions']"])
     fewer = configs.eval_config()
     assert fewer.tasks_for(None) == ("fashion_mnist_captions",) and fewer.tasks_for(0) == ()
+
+
+def test_binding_recipe_parses_with_the_demo():
+    """binding.gin on top of the demo: its first block below the frozen LM's copying heads (16.0,
+    17.3), both episode streams iid with the loss on answerable labels only, and each binding
+    task evaluated at its own shot counts in the training template."""
+    configs.parse_gin(["flamingo_jax/demo/demo_cpu.gin", "flamingo_jax/demo/binding.gin"])
+    run_config, eval_config = configs.run_config(), configs.eval_config()
+    assert min(run_config.model.xattn_layer_indices) == 14
+    datasets = {d.name: d for d in run_config.datasets}
+    assert list(datasets) == ["fashion_pairs", "episodes", "names"]
+    for name in ("episodes", "names"):
+        options = datasets[name].options
+        assert (options["order"], options["loss"], options["template"]) == ("iid", "answerable", "{}.")
+        assert options["max_images"] == datasets[name].max_images == 26
+    assert eval_config.shots_for(None, "binding_emoji_3way_novel") == (1, 2, 4, 8)
+    assert eval_config.shots_for(None, "fashion_mnist") == (0, 4)
+    assert eval_config.task_options["binding_emoji_3way_names"]["template"] == "{}."

@@ -236,3 +236,45 @@ def test_binding_diagnosis_finds_the_labels_and_reads_the_blocks(evaluated):
         assert all(np.isfinite(a["mean_margin"]) for a in result["attention"])
     first = np.mean([e.answer == 0 for e in episodes])
     assert all(p["probe_accuracy"] == first for p in results[0]["xattn_probe"])
+
+
+def test_text_key_oracle_prompts_and_scores(evaluated):
+    """tools.binding --text_keys: each image becomes its class's own word (one per class, never a
+    label, the query's that of its answer), the candidates continue the prompt, and the LM-only
+    scores are the log-likelihoods of one forward pass over prompt and candidate."""
+    import jax
+    import jax.numpy as jnp
+
+    from flamingo_jax.evaluation.checkpoints import load_models
+    from flamingo_jax.evaluation.fewshot import make_task
+    from flamingo_jax.tokenizer import load_tokenizer
+    from flamingo_jax.tools import binding
+
+    run_config, eval_config = configs_for(
+        "EvalConfig.task_options={'episodes': {'collection': 'test_colours', 'classes': 'all'}}"
+    )
+    tokenizer = load_tokenizer(run_config.tokenizer)
+    task = make_task("episodes", eval_config)
+    episodes = task.episodes(2, 0, 2)[:4]
+    prompts = [binding.text_key_prompt(tokenizer, e, task.template, np.random.default_rng(0)) for e in episodes]
+    for episode, prompt in zip(episodes, prompts, strict=True):
+        *demos, query = tokenizer.decode(prompt.tokens).split("\n")
+        keys = {}
+        for line, demo in zip(demos, episode.demos, strict=True):
+            key, text = line.split(" ", 1)
+            assert text == task.template.format(demo.label) and keys.setdefault(demo.label, key) == key
+        assert len(set(keys.values())) == 3 and not set(keys.values()) & set(episode.candidates)
+        assert query == f"{keys[episode.query.label]} A photo of a"
+        assert [tokenizer.decode(c) for c in prompt.candidates] == [f" {c}." for c in episode.candidates]
+    lm = next(load_models(run_config, str(evaluated), [0]))[0].lm
+    scores = binding.lm_candidate_scores(lm, prompts[:2])
+    assert scores.shape == (2, 3)
+    for row, prompt in enumerate(prompts[:2]):
+        for column, candidate in enumerate(prompt.candidates):
+            logits, _ = lm(jnp.asarray([[*prompt.tokens, *candidate]], jnp.int32))
+            log_probs = np.asarray(jax.nn.log_softmax(logits[0], axis=-1))
+            direct = sum(log_probs[len(prompt.tokens) + i - 1, t] for i, t in enumerate(candidate))
+            np.testing.assert_allclose(scores[row, column], direct, rtol=1e-5, atol=1e-4)
+    result = binding.text_key_accuracy(lm, tokenizer, task, shots=2, episodes=8, batch_size=4)
+    assert result["episodes"] == len(task.episodes(2, 0, 2)) and result["ways"] == 3
+    assert 0.0 <= result["accuracy"] <= 1.0 and result["accuracy_se"] >= 0.0

@@ -29,6 +29,13 @@ LM's own binding circuit is a previous-token head feeding an induction head; an 
 take part in it if a cross-attention block writes it into the stream below both (SmolLM2-135M:
 previous-token head 16.0, induction heads 17.3, 17.4 and 18.6; docs/evaluation.md). Writes
 ``DIR/eval/binding_lm_heads.json``.
+
+  python -m flamingo_jax.tools.binding --gin_file=RUN.gin --workdir=DIR --task=TASK --text_keys
+
+scores the frozen LM alone on the task's episodes with each image replaced by a word naming its
+class (an invented word per class and episode, ``"{key} {text}\\n"`` per shot): what the LM's
+own copying does when the images are as distinct as tokens, an upper reference for what the
+cross-attention blocks must write. Writes ``DIR/eval/binding_text_keys_<task>_<shots>shot.json``.
 """
 
 from __future__ import annotations
@@ -38,14 +45,16 @@ import json
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 from flax import nnx
 
 from flamingo_jax import configs, storage
+from flamingo_jax.data import episodes as ep
 from flamingo_jax.data.images import image_config_for
 from flamingo_jax.evaluation.checkpoints import load_models
-from flamingo_jax.evaluation.episodic import EpisodeImages, EpisodeTask, candidate_rows, episode_prompt
+from flamingo_jax.evaluation.episodic import EpisodeImages, EpisodePrompt, EpisodeTask, candidate_rows, episode_prompt
 from flamingo_jax.evaluation.fewshot import make_task
 from flamingo_jax.evaluation.generate import batch_prompts
 from flamingo_jax.evaluation.ranking import candidate_log_likelihoods
@@ -63,6 +72,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("batch_size", 8, "Episodes per forward pass.")
     flags.DEFINE_list("steps", [], "Checkpoint steps (0: the initialisation); default 0 and the latest.")
     flags.DEFINE_bool("lm_heads", False, "Score the frozen LM's induction and previous-token heads instead.")
+    flags.DEFINE_bool("text_keys", False, "Score the frozen LM on the episodes with words in place of the images.")
 
 
 def set_capture(model, on: bool) -> None:
@@ -141,6 +151,77 @@ def format_lm_heads(scores: dict, top: int = 8) -> str:
         )
         lines.append(f"{kind} heads (layer.head score): {best}")
     return "\n".join(lines)
+
+
+def text_key_prompt(tokenizer, episode, template: str, rng: np.random.Generator) -> EpisodePrompt:
+    """The episode as text alone: each image replaced by an invented word naming its class in
+    this episode (never one of its labels), each shot ``"{key} {text}\\n"``, the query's text
+    up to its label. ``label_positions`` is empty."""
+    head, _ = ep.split_template(template)
+    keys = dict(zip(episode.candidates, ep.episode_labels("novel", episode.candidates, rng), strict=True))
+    lines = "".join(f"{keys[d.label]} {template.format(d.label)}\n" for d in episode.demos)
+    key = keys[episode.query.label]
+    tokens = tokenizer.encode(lines + f"{key} {head}".rstrip())
+    candidates = []
+    for label in episode.candidates:
+        full = tokenizer.encode(lines + f"{key} {template.format(label)}")
+        if full[: len(tokens)] != tokens:
+            raise ValueError(f"episode {episode.id!r}: the candidate {label!r} does not continue the prompt's tokens")
+        candidates.append(full[len(tokens) :])
+    return EpisodePrompt(tokens, candidates, {})
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _lm_target_log_probs(graphdef, state, tokens, positions, targets):
+    lm = nnx.merge(graphdef, state)
+    hidden, _ = lm.backbone(lm.embed_tokens(tokens))
+    picked = jnp.take_along_axis(hidden, positions[..., None], axis=1)  # [R, L, W]: only where a target is read
+    log_probs = jax.nn.log_softmax(lm.logits(picked), axis=-1)
+    return jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+
+
+def lm_candidate_scores(lm, prompts: list[EpisodePrompt], *, multiple: int = 32) -> np.ndarray:
+    """float[E, C]: log p(candidate | prompt) under the LM alone (text prompts, no images),
+    each prompt with each of its candidates one right-padded row; the logits are computed only
+    at the positions that predict a candidate's tokens."""
+    rows = [(p.tokens, c) for p in prompts for c in p.candidates]
+    length = -(-max(len(t) + len(c) for t, c in rows) // multiple) * multiple
+    width = max(len(c) for _, c in rows)
+    tokens = np.zeros((len(rows), length), np.int32)
+    positions = np.zeros((len(rows), width), np.int32)
+    targets = np.zeros((len(rows), width), np.int32)
+    valid = np.zeros((len(rows), width), bool)
+    for row, (prompt, candidate) in enumerate(rows):
+        tokens[row, : len(prompt) + len(candidate)] = [*prompt, *candidate]
+        positions[row, : len(candidate)] = np.arange(len(candidate)) + len(prompt) - 1
+        targets[row, : len(candidate)], valid[row, : len(candidate)] = candidate, True
+    graphdef, state = nnx.split(lm)
+    picked = np.asarray(_lm_target_log_probs(graphdef, state, *(jnp.asarray(a) for a in (tokens, positions, targets))))
+    return np.where(valid, picked, 0.0).sum(axis=1, dtype=np.float64).reshape(len(prompts), -1)
+
+
+def text_key_accuracy(lm, tokenizer, task: EpisodeTask, *, shots: int, episodes: int, batch_size: int) -> dict:
+    """The frozen LM's ranked accuracy on ``episodes`` of ``task`` at ``shots`` with words for
+    the images (:func:`text_key_prompt`), with its standard error."""
+    chosen = task.episodes(shots, 0, shots)[:episodes]
+    if not chosen:
+        raise ValueError(f"task {task.name!r}: no episodes at {shots} shots")
+    rng = np.random.default_rng(0)
+    prompts = [text_key_prompt(tokenizer, e, task.template, rng) for e in chosen]
+    correct = []
+    for start in range(0, len(chosen), batch_size):
+        scores = lm_candidate_scores(lm, prompts[start : start + batch_size])
+        correct += [
+            int(np.argmax(s)) == e.answer for s, e in zip(scores, chosen[start : start + batch_size], strict=True)
+        ]
+    accuracy = float(np.mean(correct))
+    return {
+        "episodes": len(chosen),
+        "shots": shots,
+        "ways": len(chosen[0].candidates),
+        "accuracy": accuracy,
+        "accuracy_se": float(np.sqrt(accuracy * (1 - accuracy) / len(chosen))),
+    }
 
 
 def diagnose(model, tokenizer, task: EpisodeTask, image_config, *, shots: int, episodes: int, batch_size: int) -> dict:
@@ -266,6 +347,25 @@ def main(argv) -> None:
         print(format_lm_heads(scores))
         if jax.process_index() == 0:
             storage.write_text(storage.path(args.workdir) / "eval" / "binding_lm_heads.json", json.dumps(scores))
+        return
+    if args.text_keys:
+        try:
+            run_config = configs.run_config()
+            task = make_task(args.task, configs.eval_config())
+            if not isinstance(task, EpisodeTask):
+                raise ValueError(f"task {args.task!r} is not an episodes task")
+            model = next(load_models(run_config, args.workdir, [0]))[0]
+            options = dict(shots=args.shots, episodes=args.episodes, batch_size=args.batch_size)
+            result = text_key_accuracy(model.lm, load_tokenizer(run_config.tokenizer), task, **options)
+        except (ValueError, FileNotFoundError) as error:
+            sys.exit(f"binding: {error}")
+        print(
+            f"text keys, frozen LM: {result['ways']}-way {result['shots']}-shot, {result['episodes']} episodes, "
+            f"accuracy {100 * result['accuracy']:.1f} ± {100 * result['accuracy_se']:.1f}%"
+        )
+        if jax.process_index() == 0:
+            path = storage.path(args.workdir) / "eval" / f"binding_text_keys_{args.task}_{args.shots}shot.json"
+            storage.write_text(path, json.dumps(result))
         return
     try:
         results = binding_run(
