@@ -109,7 +109,7 @@ def test_smollm2_binding_circuit_heads():
     from flamingo_jax.tools.binding import lm_head_scores
 
     _, lm = llama_from_pretrained(GGUF)
-    scores = lm_head_scores(lm)
+    scores = lm_head_scores(lm, sequences=16, cuts=(28, 34))  # the strongest heads need few samples
     induction, previous = np.asarray(scores["induction"]), np.asarray(scores["previous_token"])
     assert induction.shape == previous.shape == (30, 9)
     assert previous[16, 0] > 0.8 and min(induction[17, 3], induction[17, 4], induction[18, 6]) > 0.7
