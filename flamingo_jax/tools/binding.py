@@ -317,11 +317,17 @@ def format_results(results: dict) -> str:
     return "\n".join(lines)
 
 
+def episode_task(name: str, eval_config) -> EpisodeTask:
+    """The registered task ``name``, which must be an episodes task."""
+    task = make_task(name, eval_config)
+    if not isinstance(task, EpisodeTask):
+        raise ValueError(f"task {name!r} is not an episodes task")
+    return task
+
+
 def binding_run(run_config, eval_config, workdir: str, steps, *, task: str, **options) -> dict:
     """{step: diagnose(...)} for each of ``steps`` (None: the latest checkpoint)."""
-    built = make_task(task, eval_config)
-    if not isinstance(built, EpisodeTask):
-        raise ValueError(f"task {task!r} is not an episodes task")
+    built = episode_task(task, eval_config)
     tokenizer = load_tokenizer(run_config.tokenizer)
     image_config = image_config_for(run_config.model.vision)
     return {
@@ -351,9 +357,7 @@ def main(argv) -> None:
     if args.text_keys:
         try:
             run_config = configs.run_config()
-            task = make_task(args.task, configs.eval_config())
-            if not isinstance(task, EpisodeTask):
-                raise ValueError(f"task {args.task!r} is not an episodes task")
+            task = episode_task(args.task, configs.eval_config())
             model = next(load_models(run_config, args.workdir, [0]))[0]
             options = dict(shots=args.shots, episodes=args.episodes, batch_size=args.batch_size)
             result = text_key_accuracy(model.lm, load_tokenizer(run_config.tokenizer), task, **options)
