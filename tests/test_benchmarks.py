@@ -61,8 +61,15 @@ def test_a_benchmark_without_its_paths_is_a_clear_error(benchmark_files):
         ["runs/smoke_cpu.gin", "runs/eval_benchmarks.gin"],
         [
             *path_bindings(benchmark_files),
-            "EvalConfig.task_options={'coco': {'path': 'x', 'image_root': 'y', 'shots': 2}}",
+            "EvalConfig.task_options={'coco': {'path': 'x', 'image_root': 'y', 'ways': 2}}",
         ],
     )
-    with pytest.raises(ValueError, match=r"task_options\['coco'\]: \['shots'\] are not options of the task"):
+    with pytest.raises(ValueError, match=r"task_options\['coco'\]: \['ways'\] are not options of the task"):
         build_tasks(configs.eval_config())
+    # A task's own shot counts are a list: a bare number is an error naming the setting.
+    configs.parse_gin(
+        ["runs/smoke_cpu.gin", "runs/eval_benchmarks.gin"],
+        [*path_bindings(benchmark_files), "EvalConfig.task_options={'coco': {'shots': 2}}"],
+    )
+    with pytest.raises(ValueError, match=r"task_options\['coco'\]\['shots'\]=2: must be a list of ints"):
+        configs.eval_config()

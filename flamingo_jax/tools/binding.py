@@ -26,8 +26,8 @@ instead scores every head of the frozen LM on random token sequences repeated tw
 al. 2022, "In-context learning and induction heads"): its **induction** score (attention from a
 token's second occurrence to the token after its first) and its **previous-token** score. The
 LM's own binding circuit is a previous-token head feeding an induction head; an image can only
-take part in it if a cross-attention block writes it into the stream below both (SmolLM2-135M:
-previous-token head 16.0, induction heads 17.3, 17.4 and 18.6; docs/evaluation.md). Writes
+take part in it if a cross-attention block writes it into the stream below both (the demo's LM's
+heads: docs/evaluation.md). Writes
 ``DIR/eval/binding_lm_heads.json``.
 
   python -m flamingo_jax.tools.binding --gin_file=RUN.gin --workdir=DIR --task=TASK --text_keys
