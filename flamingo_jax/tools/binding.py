@@ -27,8 +27,7 @@ al. 2022, "In-context learning and induction heads"): its **induction** score (a
 token's second occurrence to the token after its first) and its **previous-token** score. The
 LM's own binding circuit is a previous-token head feeding an induction head; an image can only
 take part in it if a cross-attention block writes it into the stream below both (the demo's LM's
-heads: docs/evaluation.md). Writes
-``DIR/eval/binding_lm_heads.json``.
+heads: docs/evaluation.md). Writes ``DIR/eval/binding_lm_heads.json``.
 
   python -m flamingo_jax.tools.binding --gin_file=RUN.gin --workdir=DIR --task=TASK --text_keys
 
