@@ -152,7 +152,7 @@ def train_step_flops(
         * (
             lm.width * lm.num_heads * head_dim * 2
             + lm.width * lm.num_kv_heads * head_dim * 2
-            + 3 * lm.width * lm.mlp_dim
+            + (3 if lm.gated_mlp else 2) * lm.width * lm.mlp_dim
         )
     )
     scores = 2 * 2 * batch_size * length * length * lm.num_heads * head_dim

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -45,6 +46,26 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def tiny_config():
     return configs.load_model_config("models/tiny.gin")
+
+
+# The tiny model's LM in each family beside Llama (models/llama.py FAMILIES).
+LM_FAMILIES = {
+    "llama": {},
+    "mpt": {"family": "mpt", "num_kv_heads": 4, "tie_embeddings": True, "clip_qkv": 3.0, "qk_norm": True},
+    "gpt_neox": {
+        "family": "gpt_neox",
+        "num_kv_heads": 4,
+        "attention_bias": True,
+        "mlp_bias": True,
+        "parallel_residual": True,
+        "rotary_fraction": 0.5,
+    },
+}
+
+
+def with_lm_family(config, family: str):
+    """``config`` (a FlamingoConfig) with its LM in ``family``."""
+    return dataclasses.replace(config, lm=dataclasses.replace(config.lm, **LM_FAMILIES[family]))
 
 
 def set_gates(model, value: float) -> None:

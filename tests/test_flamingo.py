@@ -18,7 +18,7 @@ from flamingo_jax.models.llama import KVCache
 from flamingo_jax.models.nfnet import NFNetConfig
 from flamingo_jax.models.xattn import XAttnConfig, media_attention_mask
 
-from conftest import jit_forward, make_batch, set_gates
+from conftest import LM_FAMILIES, jit_forward, make_batch, set_gates, with_lm_family
 
 
 def _forward_batch(model, batch):
@@ -32,7 +32,9 @@ def test_gates_start_at_zero(tiny_config):
     assert gates == [0.0] * len(gates)
 
 
-def test_zero_gates_equal_frozen_lm_exactly(tiny_config):
+@pytest.mark.parametrize("family", LM_FAMILIES)
+def test_zero_gates_equal_frozen_lm_exactly(tiny_config, family):
+    tiny_config = with_lm_family(tiny_config, family)
     model = create_flamingo(tiny_config)
     vocab = tiny_config.lm.vocab_size
     batch = make_batch(tiny_config)
@@ -144,7 +146,9 @@ def test_tokens_without_image_get_zero_cross_attention(tiny_config):
     assert np.abs(np.asarray(out - x)[0, ~no_image]).min() > 0
 
 
-def test_kv_cache_decoding_matches_full_forward(tiny_config):
+@pytest.mark.parametrize("family", LM_FAMILIES)
+def test_kv_cache_decoding_matches_full_forward(tiny_config, family):
+    tiny_config = with_lm_family(tiny_config, family)
     model = create_flamingo(tiny_config)
     set_gates(model, 0.5)
     batch = make_batch(tiny_config, batch_size=2, length=12)

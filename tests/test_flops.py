@@ -15,15 +15,17 @@ from flamingo_jax.models.nfnet import NFNet, NFNetConfig
 from flamingo_jax.train.loop import build_training, global_batches
 
 
-def _matmul_heavy_config(placement):
+def _matmul_heavy_config(placement, family="llama"):
     config = smoke_config()
+    # GPT-NeoX: two MLP matrices instead of SwiGLU's three, biases, no grouped-query attention.
+    family_bindings = {"llama": [], "gpt_neox": ["LlamaConfig.family = 'gpt_neox'", "LlamaConfig.mlp_bias = True"]}
     model = configs.load_model_config(
         "models/tiny.gin",
         [
             "LlamaConfig.width = 256",
             "LlamaConfig.mlp_dim = 768",
             "LlamaConfig.num_heads = 8",
-            "LlamaConfig.num_kv_heads = 4",
+            f"LlamaConfig.num_kv_heads = {4 if family == 'llama' else 8}",
             "LlamaConfig.vocab_size = 1024",
             "ViTConfig.width = 128",
             "ViTConfig.mlp_dim = 512",
@@ -31,6 +33,7 @@ def _matmul_heavy_config(placement):
             "ResamplerConfig.width = 128",
             "ResamplerConfig.head_dim = 64",
             f"XAttnConfig.placement = '{placement}'",
+            *family_bindings[family],
         ],
     )
     synthetic = SyntheticConfig(num_media=2, image_size=32, length=64)
@@ -38,9 +41,9 @@ def _matmul_heavy_config(placement):
     return dataclasses.replace(config, model=model, datasets=(dataset,), mesh=sharding.MeshConfig(data=1))
 
 
-@pytest.mark.parametrize("placement", ["paper", "openflamingo"])
-def test_analytic_flops_match_xla(placement):
-    config = _matmul_heavy_config(placement)
+@pytest.mark.parametrize("placement, family", [("paper", "llama"), ("openflamingo", "llama"), ("paper", "gpt_neox")])
+def test_analytic_flops_match_xla(placement, family):
+    config = _matmul_heavy_config(placement, family)
     mesh = sharding.create_mesh(config.mesh, jax.devices()[:1])
     training = build_training(config, mesh)
     batches = global_batches(local_batches(config, 0), mesh, training.rules)

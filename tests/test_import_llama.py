@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch", reason="needs the [reference] extra (torch,
 transformers = pytest.importorskip("transformers")
 
 from flamingo_jax.importers import llama  # noqa: E402
-from flamingo_jax.importers.pretrained import llama_from_pretrained  # noqa: E402
+from flamingo_jax.importers.pretrained import lm_from_pretrained  # noqa: E402
 
 pytestmark = pytest.mark.reference
 
@@ -35,7 +35,7 @@ def test_hf_llama_logits_match_transformers(tmp_path, tied, kv_heads):
             if "norm" in name:
                 parameter.uniform_(0.5, 1.5)
     reference.save_pretrained(tmp_path)
-    config, model = llama_from_pretrained(str(tmp_path))
+    config, model = lm_from_pretrained(str(tmp_path))
     assert (config.num_kv_heads, config.tie_embeddings, config.rope_theta) == (kv_heads, tied, 50000.0)
     tokens = np.random.default_rng(0).integers(0, 300, (2, 17))
     with torch.no_grad():

@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 from flax import nnx  # noqa: E402
 
 from flamingo_jax.demo.weights import smollm2_gguf  # noqa: E402
-from flamingo_jax.importers.pretrained import llama_from_pretrained  # noqa: E402
+from flamingo_jax.importers.pretrained import lm_from_pretrained  # noqa: E402
 from flamingo_jax.models.llama import KVCache  # noqa: E402
 from flamingo_jax.tokenizer import Tokenizer  # noqa: E402
 
@@ -68,7 +68,7 @@ def greedy(model, config, prompt_ids, steps):
 
 def test_smollm2_greedy_continuations_match_transformers(reference):
     hf_model, hf_tokenizer = reference
-    config, model = llama_from_pretrained(GGUF)
+    config, model = lm_from_pretrained(GGUF)
     assert (config.num_layers, config.width, config.num_kv_heads, config.tie_embeddings) == (30, 576, 3, True)
     tokenizer = Tokenizer.from_gguf(GGUF)
     for prompt in PROMPTS:
@@ -82,7 +82,7 @@ def test_smollm2_greedy_continuations_match_transformers(reference):
 
 def test_smollm2_logits_match_transformers(reference):
     hf_model, _ = reference
-    _, model = llama_from_pretrained(GGUF)
+    _, model = lm_from_pretrained(GGUF)
     tokens = np.asarray([Tokenizer.from_gguf(GGUF).encode(PROMPTS[1])], np.int32)
     with torch.no_grad():
         expected = hf_model(torch.tensor(tokens)).logits.numpy()
@@ -108,7 +108,7 @@ def test_smollm2_binding_circuit_heads():
     demo places its first cross-attention block below them, at layer 14)."""
     from flamingo_jax.tools.binding import lm_head_scores
 
-    _, lm = llama_from_pretrained(GGUF)
+    _, lm = lm_from_pretrained(GGUF)
     scores = lm_head_scores(lm, sequences=16, cuts=(28, 34))  # the strongest heads need few samples
     induction, previous = np.asarray(scores["induction"]), np.asarray(scores["previous_token"])
     assert induction.shape == previous.shape == (30, 9)

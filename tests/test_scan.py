@@ -19,7 +19,7 @@ from flamingo_jax.models import scan
 from flamingo_jax.models.flamingo import create_flamingo
 from flamingo_jax.train.params import flatten_state, init_params, merge_model
 
-from conftest import make_batch, set_gates
+from conftest import make_batch, set_gates, with_lm_family
 
 FSDP = sharding.MeshConfig(data=1, fsdp=8, rules="fsdp")
 
@@ -77,6 +77,21 @@ def test_scanned_model_matches_per_layer_model_under_fsdp(
     np.testing.assert_allclose(scanned_loss, loss, rtol=1e-5)
     assert sorted(scanned_grads) == sorted(grads)
     assert any(key.startswith("xattn_layers/0/") for key in grads)
+    for key, value in grads.items():
+        scale = np.abs(value).max() + 1e-12
+        np.testing.assert_allclose(scanned_grads[key] / scale, value / scale, atol=1e-5, err_msg=key)
+
+
+def test_scanned_gpt_neox_matches_per_layer_model_under_fsdp(tiny_config):
+    """Another family's layers (LayerNorms with biases, biased projections, parallel residual)
+    stack and scan the same way."""
+    config = with_lm_family(tiny_config, "gpt_neox")
+    batch = make_batch(config, batch_size=8, length=12)
+    loss, grads, _ = fsdp_loss_and_grads(variant(config, layers=4), batch)
+    scanned_loss, scanned_grads, specs = fsdp_loss_and_grads(variant(config, layers=4, scanned=True), batch)
+    assert specs["lm/layers/attention/q_proj/linear/bias"] == jax.sharding.PartitionSpec(None, None)
+    np.testing.assert_allclose(scanned_loss, loss, rtol=1e-5)
+    assert sorted(scanned_grads) == sorted(grads)
     for key, value in grads.items():
         scale = np.abs(value).max() + 1e-12
         np.testing.assert_allclose(scanned_grads[key] / scale, value / scale, atol=1e-5, err_msg=key)

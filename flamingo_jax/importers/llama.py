@@ -1,4 +1,5 @@
-"""Llama-family LM weights from a Hugging Face checkpoint directory or a GGUF file.
+"""Llama-family LM weights from a Hugging Face checkpoint directory or a GGUF file, and what
+every LM importer shares (reading a Hugging Face directory, checking the converted weights).
 
 Both return ``(LlamaConfig, {our parameter path: float32 numpy array})``; paths are those of
 :class:`flamingo_jax.models.llama.LlamaLM` (prefix them with ``lm/`` for a Flamingo model).
@@ -6,13 +7,18 @@ Both return ``(LlamaConfig, {our parameter path: float32 numpy array})``; paths 
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
 
+import jax
 import numpy as np
+from flax import nnx
 
-from flamingo_jax.models.llama import LlamaConfig
+from flamingo_jax.importers import torch_pickle
+from flamingo_jax.models.layers import CountingRngs
+from flamingo_jax.models.llama import LlamaConfig, LlamaLM
 
 _HF_LAYER = {
     "self_attn.q_proj.weight": "attention/q_proj/linear/kernel",
@@ -66,25 +72,38 @@ def _to_ours(name: str, weight: np.ndarray) -> np.ndarray:
     return weight.T if name.endswith("kernel") else weight
 
 
-def load_hf_llama(directory: str, **config_overrides) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
-    """Reads ``config.json`` and every ``*.safetensors`` of a Hugging Face Llama checkpoint."""
-    from safetensors.numpy import load_file
-
+def read_hf_config(directory: str) -> dict:
+    """The ``config.json`` dict of a Hugging Face checkpoint directory."""
     config_path = os.path.join(directory, "config.json")
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{directory}: no config.json (expected a Hugging Face checkpoint directory)")
     with open(config_path) as f:
-        hf_config = json.load(f)
+        return json.load(f)
+
+
+def read_hf_tensors(directory: str) -> dict[str, np.ndarray]:
+    """{tensor name: array} of every ``*.safetensors`` in ``directory``, or else of every
+    ``pytorch_model*.bin`` (read without running pickled code, ``importers.torch_pickle``)."""
+    from safetensors.numpy import load_file
+
+    files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+    binaries = sorted(glob.glob(os.path.join(directory, "pytorch_model*.bin")))
+    if not files and not binaries:
+        raise FileNotFoundError(f"{directory}: no *.safetensors or pytorch_model*.bin files")
+    tensors = {}
+    for path in files or binaries:
+        tensors.update(load_file(path) if path.endswith(".safetensors") else torch_pickle.load_state_dict(path))
+    return tensors
+
+
+def load_hf_llama(directory: str, **config_overrides) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
+    """Reads ``config.json`` and the weights of a Hugging Face Llama checkpoint."""
+    hf_config = read_hf_config(directory)
     architectures = hf_config.get("architectures") or ["LlamaForCausalLM"]
     if hf_config.get("model_type", "llama") not in ("llama", "mistral") and "Llama" not in architectures[0]:
-        raise ValueError(f"{config_path}: model_type {hf_config.get('model_type')!r} is not a Llama-family model")
+        raise ValueError(f"{directory}: model_type {hf_config.get('model_type')!r} is not a Llama-family model")
     config = llama_config_from_hf(hf_config, **config_overrides)
-    files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
-    if not files:
-        raise FileNotFoundError(f"{directory}: no *.safetensors files")
-    tensors = {}
-    for path in files:
-        tensors.update(load_file(path))
+    tensors = read_hf_tensors(directory)
     params = {}
     for name, value in tensors.items():
         value = np.asarray(value, np.float32)
@@ -170,24 +189,15 @@ def load_gguf_llama(path: str, **config_overrides) -> tuple[LlamaConfig, dict[st
 
 
 def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    head_dim = config.dim_per_head
-    shapes = {"embed": (config.vocab_size, config.width), "final_norm/scale": (config.width,)}
-    if not config.tie_embeddings:
-        shapes["lm_head/linear/kernel"] = (config.width, config.vocab_size)
-    per_layer = {
-        "attention/q_proj/linear/kernel": (config.width, config.num_heads * head_dim),
-        "attention/k_proj/linear/kernel": (config.width, config.num_kv_heads * head_dim),
-        "attention/v_proj/linear/kernel": (config.width, config.num_kv_heads * head_dim),
-        "attention/o_proj/linear/kernel": (config.num_heads * head_dim, config.width),
-        "mlp/gate_proj/linear/kernel": (config.width, config.mlp_dim),
-        "mlp/up_proj/linear/kernel": (config.width, config.mlp_dim),
-        "mlp/down_proj/linear/kernel": (config.mlp_dim, config.width),
-        "input_norm/scale": (config.width,),
-        "post_attention_norm/scale": (config.width,),
+    """{parameter path: shape} of the (unscanned) LM of ``config``, any family."""
+    config = dataclasses.replace(config, scan_layers=False)
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.eval_shape(lambda: LlamaLM(config, rngs=CountingRngs(0)))
+    return {
+        "/".join(map(str, path)): tuple(leaf.shape)
+        for path, leaf in nnx.to_flat_state(nnx.state(abstract, nnx.Param))
+        if isinstance(leaf, jax.ShapeDtypeStruct) or hasattr(leaf, "shape")
     }
-    for layer in range(config.num_layers):
-        shapes.update({f"layers/{layer}/{name}": shape for name, shape in per_layer.items()})
-    return shapes
 
 
 def check_complete(config: LlamaConfig, params: dict[str, np.ndarray], *, source: str) -> None:

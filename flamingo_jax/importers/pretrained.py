@@ -10,9 +10,10 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from flamingo_jax.checkpointing import read_params
-from flamingo_jax.importers import clip, efficientnet, llama
+from flamingo_jax.importers import clip, efficientnet
 from flamingo_jax.importers import openflamingo as of_importer
 from flamingo_jax.importers.assign import assign
+from flamingo_jax.importers.lm import load_lm
 from flamingo_jax.importers.weights import weights_path
 from flamingo_jax.models import scan
 from flamingo_jax.models.flamingo import Flamingo, FlamingoConfig
@@ -22,12 +23,10 @@ from flamingo_jax.models.llama import LlamaConfig, LlamaLM
 from flamingo_jax.tokenizer import Tokenizer
 
 
-def llama_from_pretrained(path: str, **config_overrides) -> tuple[LlamaConfig, LlamaLM]:
-    """A LlamaLM from a Hugging Face checkpoint directory or a ``.gguf`` file (or a registered
-    weights name)."""
-    path = weights_path(path)
-    loader = llama.load_gguf_llama if path.endswith(".gguf") else llama.load_hf_llama
-    config, params = loader(path, **config_overrides)
+def lm_from_pretrained(path: str, **config_overrides) -> tuple[LlamaConfig, LlamaLM]:
+    """A LlamaLM of any family (``importers.lm``) from a Hugging Face checkpoint directory or a
+    ``.gguf`` file (or a registered weights name)."""
+    config, params = load_lm(weights_path(path), **config_overrides)
     with nnx.use_eager_sharding(False):
         model = LlamaLM(config, rngs=CountingRngs(0))
     assign(model, scan.to_layout(params, config))
@@ -56,11 +55,11 @@ def pretrained_params(
 ):
     """{Flamingo parameter path: array} from the given sources, checked against ``config``.
 
-    Each source is a path or a name registered in ``importers.weights.WEIGHTS``: ``lm`` (Hugging
-    Face Llama directory or GGUF file), ``vision_hf`` (CLIPVisionModel safetensors directory),
-    ``vision_open_clip`` (open_clip ``visual`` state dict), ``vision_efficientnet``
-    (``efficientnet_pytorch``-layout .pth), ``openflamingo`` (OpenFlamingo ``checkpoint.pt``),
-    ``params`` (a parameter checkpoint of this project, in either layer layout)."""
+    Each source is a path or a name registered in ``importers.weights.WEIGHTS``: ``lm`` (a
+    Hugging Face directory of a family ``importers.lm`` reads, or a GGUF file), ``vision_hf``
+    (CLIPVisionModel safetensors directory), ``vision_open_clip`` (open_clip ``visual`` state
+    dict), ``vision_efficientnet`` (``efficientnet_pytorch``-layout .pth), ``openflamingo``
+    (OpenFlamingo ``checkpoint.pt``), ``params`` (a parameter checkpoint of this project, in either layer layout)."""
     checkpoint = params
     lm, vision_hf, vision_open_clip, vision_efficientnet, openflamingo = (
         None if spec is None else weights_path(spec)
@@ -70,9 +69,20 @@ def pretrained_params(
     if checkpoint:
         params.update(read_params(checkpoint))
     if lm:
-        loader = llama.load_gguf_llama if lm.endswith(".gguf") else llama.load_hf_llama
-        lm_config, lm_params = loader(lm)
-        for field in ("vocab_size", "width", "num_layers", "num_heads", "num_kv_heads", "mlp_dim", "tie_embeddings"):
+        lm_config, lm_params = load_lm(lm)
+        for field in (
+            "family",
+            "vocab_size",
+            "width",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "mlp_dim",
+            "tie_embeddings",
+            "parallel_residual",
+            "rotary_fraction",
+            "qk_norm",
+        ):
             if getattr(lm_config, field) != getattr(config.lm, field):
                 raise ValueError(
                     f"{lm}: LlamaConfig.{field} is {getattr(lm_config, field)} in the weights but "

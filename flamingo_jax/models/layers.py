@@ -68,11 +68,15 @@ class RMSNorm(nnx.Module):
         return normed.astype(x.dtype) * self.scale[...].astype(x.dtype)
 
 
-def layer_norm(dim: int, *, eps: float = 1e-5, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    """A LayerNorm with bias (CLIP, the Perceiver Resampler, the xattn blocks), statistics in fp32."""
+def layer_norm(
+    dim: int, *, eps: float = 1e-5, bias: bool = True, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs
+) -> nnx.LayerNorm:
+    """A LayerNorm, by default with bias (CLIP, the Perceiver Resampler, the xattn blocks, GPT-NeoX;
+    MPT's has none), statistics in fp32."""
     return nnx.LayerNorm(
         dim,
         epsilon=eps,
+        use_bias=bias,
         dtype=jnp.float32,
         param_dtype=param_dtype,
         scale_init=annotated(nnx.initializers.ones, ("norm",)),
@@ -179,7 +183,13 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 
 def dot_product_attention(
-    query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array | None, *, return_weights: bool = False
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    mask: jax.Array | None,
+    *,
+    bias: jax.Array | None = None,
+    return_weights: bool = False,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Softmax attention with grouped key/value heads, softmax in fp32.
 
@@ -199,6 +209,8 @@ def dot_product_attention(
     query = query.reshape(batch, length, num_kv_heads, groups, head_dim)
     logits = jnp.einsum("btkgd,bskd->bkgts", query, key, preferred_element_type=jnp.float32)
     logits = logits / jnp.sqrt(jnp.float32(head_dim))
+    if bias is not None:
+        logits = logits + bias.reshape(batch, num_kv_heads, groups, length, key.shape[1])
     if mask is not None:
         mask = jnp.broadcast_to(mask, (batch, length, key.shape[1]))[:, None, None]
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)

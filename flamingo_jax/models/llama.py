@@ -1,4 +1,7 @@
-"""Llama-family decoder LM (RMSNorm, RoPE, grouped-query attention, SwiGLU) with a KV cache.
+"""Decoder-only LMs with a KV cache: the Llama family (RMSNorm, RoPE, grouped-query attention,
+SwiGLU) and, through ``LlamaConfig.family``, the two other families of the public Flamingo
+checkpoints: MPT (ALiBi, LayerNorm without biases, GELU MLP; OpenFlamingo-3B and -9B) and
+GPT-NeoX (partial rotary embeddings, biases, parallel residual; OpenFlamingo-4B).
 
 The Flamingo model runs this LM frozen and inserts GATED XATTN-DENSE blocks *before* chosen
 layers through the ``inserts`` of :meth:`LlamaLM.backbone`; the LM itself knows nothing about
@@ -8,6 +11,7 @@ images.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -21,11 +25,27 @@ from flamingo_jax.models import layers, scan
 
 _ACT = ("act_batch", "act_len", "act_embed")
 
+# What each family fixes: its norm, its MLP and its positions. The rest are config fields.
+FAMILIES = {
+    "llama": {"norm": "rms", "mlp": "gated", "positions": "rope", "activation": "silu"},
+    "mpt": {"norm": "layer_no_bias", "mlp": "plain", "positions": "alibi", "activation": "gelu"},
+    "gpt_neox": {"norm": "layer", "mlp": "plain", "positions": "rope", "activation": "gelu"},
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-    """Shape and numerics of a Llama-family decoder.
+    """Shape and numerics of a decoder LM (named for its first family, Llama).
 
+    ``family`` (:data:`FAMILIES`) fixes the norm, the MLP and the positions: 'llama' (RMSNorm,
+    SwiGLU, RoPE), 'mpt' (LayerNorm without bias, GELU MLP, ALiBi with slopes
+    ``2 ** (-alibi_bias_max * h / H)``), 'gpt_neox' (LayerNorm, GELU MLP, RoPE). Beside it:
+    ``attention_bias`` / ``mlp_bias`` (biases on the projections: GPT-NeoX), ``parallel_residual``
+    (attention and MLP both read the layer's input, ``x + attn(ln1(x)) + mlp(ln2(x))``: GPT-NeoX),
+    ``rotary_fraction`` (RoPE on the first fraction of each head's dimensions: GPT-NeoX's
+    ``rotary_pct``), ``qk_norm`` (a LayerNorm over all heads' queries and keys before the heads
+    split: MosaicGPT's ``attn_qk_ln``), ``clip_qkv`` (queries, keys and values clamped to
+    ±clip_qkv: MPT's ``clip_qkv``) and ``activation`` (the MLP's; default the family's).
     ``param_dtype`` is the storage dtype of the (frozen) weights, ``dtype`` the activation dtype.
     ``scan_layers`` stores the layers' weights stacked (a leading ``layers`` axis) and runs them
     with one ``lax.scan`` (``flamingo_jax.models.scan``): one compiled layer instead of
@@ -43,6 +63,15 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
+    family: str = "llama"
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    parallel_residual: bool = False
+    rotary_fraction: float = 1.0
+    alibi_bias_max: float = 8.0
+    qk_norm: bool = False
+    clip_qkv: float | None = None
+    activation: str | None = None
     param_dtype: str = "float32"
     dtype: str = "float32"
     scan_layers: bool = False
@@ -50,6 +79,16 @@ class LlamaConfig:
 
     def __post_init__(self):
         scan.check_policy(self.remat_policy, "LlamaConfig")
+        if self.family not in FAMILIES:
+            raise ValueError(f"LlamaConfig.family={self.family!r} is not one of {sorted(FAMILIES)}")
+        layers.activation(self.mlp_activation)  # raises naming the choices
+        if self.positions == "rope" and not (0 < self.rotary_fraction <= 1 and self.rotary_dim % 2 == 0):
+            raise ValueError(
+                f"LlamaConfig: rotary_fraction={self.rotary_fraction} must be in (0, 1] and give an even "
+                f"number of rotary dimensions (head dim {self.dim_per_head})"
+            )
+        if self.positions == "alibi" and self.num_kv_heads != self.num_heads:
+            raise ValueError(f"LlamaConfig: family={self.family!r} has no grouped-query attention")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"LlamaConfig: num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
@@ -63,6 +102,52 @@ class LlamaConfig:
     @property
     def dim_per_head(self) -> int:
         return self.head_dim or self.width // self.num_heads
+
+    @property
+    def norm(self) -> str:
+        return FAMILIES[self.family]["norm"]
+
+    @property
+    def positions(self) -> str:
+        return FAMILIES[self.family]["positions"]
+
+    @property
+    def gated_mlp(self) -> bool:
+        """SwiGLU (three matrices) rather than a plain two-matrix MLP."""
+        return FAMILIES[self.family]["mlp"] == "gated"
+
+    @property
+    def mlp_activation(self) -> str:
+        return self.activation or FAMILIES[self.family]["activation"]
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.dim_per_head * self.rotary_fraction)
+
+
+def alibi_slopes(num_heads: int, bias_max: float) -> jax.Array:
+    """float32[num_heads] ALiBi slopes as MPT computes them: ``2 ** (-bias_max * i / n)`` for
+    ``i = 1..n``, ``n`` the next power of two, interleaved (odd i first) when heads are fewer."""
+    padded = 2 ** math.ceil(math.log2(num_heads))
+    slopes = 1.0 / 2.0 ** (jnp.arange(1, padded + 1, dtype=jnp.float32) * (bias_max / padded))
+    if padded != num_heads:
+        slopes = jnp.concatenate([slopes[1::2], slopes[::2]])[:num_heads]
+    return slopes
+
+
+def make_norm(config: LlamaConfig, dim: int | None = None) -> nnx.Module:
+    """The family's norm over ``dim`` (default the width); applied with ``layers.apply_norm``."""
+    dim = dim or config.width
+    if config.norm == "rms":
+        return layers.RMSNorm(dim, eps=config.norm_eps, param_dtype=config.param_dtype)
+    # A LayerNorm draws no random numbers: a fresh counter leaves the LM's other draws as they are.
+    return layers.layer_norm(
+        dim,
+        eps=config.norm_eps,
+        bias=config.norm == "layer",
+        param_dtype=config.param_dtype,
+        rngs=layers.CountingRngs(0),
+    )
 
 
 @jax.tree_util.register_dataclass
@@ -104,12 +189,15 @@ class Attention(nnx.Module):
         self.config = config
         head_dim = config.dim_per_head
         dense = lambda i, o, names: layers.Dense(
-            i, o, names, param_dtype=config.param_dtype, dtype=config.dtype, rngs=rngs
+            i, o, names, use_bias=config.attention_bias, param_dtype=config.param_dtype, dtype=config.dtype, rngs=rngs
         )
         self.q_proj = dense(config.width, config.num_heads * head_dim, ("embed", "heads"))
         self.k_proj = dense(config.width, config.num_kv_heads * head_dim, ("embed", "kv_heads"))
         self.v_proj = dense(config.width, config.num_kv_heads * head_dim, ("embed", "kv_heads"))
         self.o_proj = dense(config.num_heads * head_dim, config.width, ("heads", "embed"))
+        if config.qk_norm:
+            self.q_norm = make_norm(config, config.num_heads * head_dim)
+            self.k_norm = make_norm(config, config.num_kv_heads * head_dim)
         # Diagnostics (tools/binding.py): when set, each call sows the last position's attention
         # weights, float32[B, kv heads, heads per kv head, S], as nnx.Intermediate 'last_attention'.
         self.capture_attention = False
@@ -119,53 +207,82 @@ class Attention(nnx.Module):
         config = self.config
         batch, length, _ = x.shape
         head_dim = config.dim_per_head
-        query = checkpoint_name(self.q_proj(x), scan.QUERY).reshape(batch, length, config.num_heads, head_dim)
-        key = checkpoint_name(self.k_proj(x), scan.KEY).reshape(batch, length, config.num_kv_heads, head_dim)
-        value = checkpoint_name(self.v_proj(x), scan.VALUE).reshape(batch, length, config.num_kv_heads, head_dim)
-        query = layers.apply_rope(query, positions, config.rope_theta)
-        key = layers.apply_rope(key, positions, config.rope_theta)
+        query, key, value = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if config.clip_qkv is not None:
+            query, key, value = (jnp.clip(t, -config.clip_qkv, config.clip_qkv) for t in (query, key, value))
+        if config.qk_norm:
+            query, key = layers.apply_norm(self.q_norm, query), layers.apply_norm(self.k_norm, key)
+        query = checkpoint_name(query, scan.QUERY).reshape(batch, length, config.num_heads, head_dim)
+        key = checkpoint_name(key, scan.KEY).reshape(batch, length, config.num_kv_heads, head_dim)
+        value = checkpoint_name(value, scan.VALUE).reshape(batch, length, config.num_kv_heads, head_dim)
+        if config.positions == "rope":
+            query = rotate(query, positions, config)
+            key = rotate(key, positions, config)
         if layer_cache is not None:
             cached_keys, cached_values = layer_cache
             key = jax.lax.dynamic_update_slice(cached_keys, key.astype(cached_keys.dtype), (0, cache_end, 0, 0))
             value = jax.lax.dynamic_update_slice(cached_values, value.astype(cached_values.dtype), (0, cache_end, 0, 0))
         key_slots = jnp.arange(key.shape[1])
         mask = (key_slots[None, :] <= query_slots[:, None])[None] & key_valid[:, None, :]
+        bias = None
+        if config.positions == "alibi":
+            # A key's position: the real tokens before it (the cache's valid slots), as the queries'.
+            key_positions = positions if layer_cache is None else jnp.cumsum(key_valid, axis=1, dtype=jnp.int32) - 1
+            distance = (key_positions[:, None, :] - positions[:, :, None]).astype(jnp.float32)  # [B, T, S]
+            bias = alibi_slopes(config.num_heads, config.alibi_bias_max)[None, :, None, None] * distance[:, None]
         if self.capture_attention:
-            out, weights = layers.dot_product_attention(query, key, value, mask, return_weights=True)
+            out, weights = layers.dot_product_attention(query, key, value, mask, bias=bias, return_weights=True)
             self.sow(nnx.Intermediate, "last_attention", weights[:, :, :, -1])
         else:
-            out = layers.dot_product_attention(query, key, value, mask)
+            out = layers.dot_product_attention(query, key, value, mask, bias=bias)
         return checkpoint_name(self.o_proj(out.reshape(batch, length, -1)), scan.OUT), (key, value)
+
+
+def rotate(x: jax.Array, positions: jax.Array, config: LlamaConfig) -> jax.Array:
+    """RoPE on the first ``config.rotary_dim`` dimensions of each head of float[B, T, H, D]."""
+    if config.rotary_dim == x.shape[-1]:
+        return layers.apply_rope(x, positions, config.rope_theta)
+    rotary, rest = x[..., : config.rotary_dim], x[..., config.rotary_dim :]
+    return jnp.concatenate([layers.apply_rope(rotary, positions, config.rope_theta), rest], axis=-1)
 
 
 class MLP(nnx.Module):
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
         dense = lambda i, o, names: layers.Dense(
-            i, o, names, param_dtype=config.param_dtype, dtype=config.dtype, rngs=rngs
+            i, o, names, use_bias=config.mlp_bias, param_dtype=config.param_dtype, dtype=config.dtype, rngs=rngs
         )
-        self.gate_proj = dense(config.width, config.mlp_dim, ("embed", "mlp"))
+        self.activation = config.mlp_activation
+        self.gated = config.gated_mlp
+        if config.gated_mlp:
+            self.gate_proj = dense(config.width, config.mlp_dim, ("embed", "mlp"))
         self.up_proj = dense(config.width, config.mlp_dim, ("embed", "mlp"))
         self.down_proj = dense(config.mlp_dim, config.width, ("mlp", "embed"))
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        activation = layers.activation(self.activation)
+        if self.gated:
+            return self.down_proj(activation(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(activation(self.up_proj(x)))
 
 
 class DecoderLayer(nnx.Module):
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
-        self.input_norm = layers.RMSNorm(config.width, eps=config.norm_eps, param_dtype=config.param_dtype)
+        self.parallel_residual = config.parallel_residual
+        self.input_norm = make_norm(config)
         self.attention = Attention(config, rngs=rngs)
-        self.post_attention_norm = layers.RMSNorm(config.width, eps=config.norm_eps, param_dtype=config.param_dtype)
+        self.post_attention_norm = make_norm(config)
         self.mlp = MLP(config, rngs=rngs)
 
     def __call__(self, x, positions, key_valid, query_slots, layer_cache, cache_end):
         with jax.named_scope("attention"):
             attended, new_cache = self.attention(
-                self.input_norm(x), positions, key_valid, query_slots, layer_cache, cache_end
+                layers.apply_norm(self.input_norm, x), positions, key_valid, query_slots, layer_cache, cache_end
             )
-            x = x + attended
         with jax.named_scope("mlp"):
-            return x + self.mlp(self.post_attention_norm(x)), new_cache
+            if self.parallel_residual:  # GPT-NeoX: the MLP reads the layer's input too
+                return x + attended + self.mlp(layers.apply_norm(self.post_attention_norm, x)), new_cache
+            x = x + attended
+            return x + self.mlp(layers.apply_norm(self.post_attention_norm, x)), new_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,7 +320,7 @@ class LlamaLM(nnx.Module):
         )
         decoder_layers = [DecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)]
         self.layers = scan.stack(decoder_layers) if config.scan_layers else nnx.List(decoder_layers)
-        self.final_norm = layers.RMSNorm(config.width, eps=config.norm_eps, param_dtype=config.param_dtype)
+        self.final_norm = make_norm(config)
         if not config.tie_embeddings:
             self.lm_head = layers.Dense(
                 config.width,
@@ -343,7 +460,7 @@ class LlamaLM(nnx.Module):
             hiddens = unscanned(index, hiddens)
 
         if stop_layer == config.num_layers:
-            hiddens = tuple(self.final_norm(stream) for stream in hiddens)
+            hiddens = tuple(layers.apply_norm(self.final_norm, stream) for stream in hiddens)
         hidden = hiddens if streams else hiddens[0]
         if cache is None:
             return hidden, None
