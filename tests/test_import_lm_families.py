@@ -79,6 +79,69 @@ def test_mpt_logits_match_transformers(tmp_path, heads, clip_qkv):
     assert _decode_matches_full_pass(model, config) <= 1e-4
 
 
+# transformers' MPT names -> MosaicGPT's (MPT-1B-RedPajama-200B's published modeling code).
+_TO_MOSAIC = {"norm_1": "ln_1", "norm_2": "ln_2", "ffn.up_proj": "mlp.mlp_up", "ffn.down_proj": "mlp.mlp_down"}
+
+
+def test_mosaic_gpt_layout_with_qk_layernorms(tmp_path):
+    """MPT-1B-RedPajama-200B's layout (MosaicGPT: its own names, a weight-only LayerNorm over all
+    heads' queries and one over the keys before the heads split, published as pytorch_model.bin).
+    The reference is transformers' MPT with those LayerNorms applied to its fused q/k/v output,
+    where MosaicGPT's attention applies them."""
+    torch.manual_seed(0)
+    width, heads = 48, 4
+    hf_config = transformers.MptConfig(d_model=width, n_heads=heads, n_layers=2, vocab_size=VOCAB, max_seq_len=64)
+    reference = transformers.MptForCausalLM(hf_config).float().eval()
+    _randomise_norms(reference)
+    state = {}
+    for index, block in enumerate(reference.transformer.blocks):
+        q_ln = torch.nn.LayerNorm(width, bias=False)
+        k_ln = torch.nn.LayerNorm(width, bias=False)
+        with torch.no_grad():
+            q_ln.weight.uniform_(0.5, 1.5)
+            k_ln.weight.uniform_(0.5, 1.5)
+
+        def qk_layernorms(module, inputs, qkv, q_ln=q_ln, k_ln=k_ln):
+            query, key, value = qkv.chunk(3, dim=-1)
+            return torch.cat([q_ln(query), k_ln(key), value], dim=-1)
+
+        block.attn.Wqkv.register_forward_hook(qk_layernorms)
+        state[f"transformer.blocks.{index}.attn.q_ln.weight"] = q_ln.weight.detach().clone()
+        state[f"transformer.blocks.{index}.attn.k_ln.weight"] = k_ln.weight.detach().clone()
+    for name, value in reference.state_dict().items():
+        if name == "lm_head.weight":
+            continue  # MosaicGPT's head is wte itself
+        for theirs, mosaic in _TO_MOSAIC.items():
+            name = name.replace(f".{theirs}.", f".{mosaic}.")
+        state[name.replace("transformer.norm_f.", "transformer.ln_f.")] = value.clone()
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    mosaic_config = {
+        "model_type": "mosaic_gpt",
+        "architectures": ["MosaicGPT"],
+        "d_model": width,
+        "n_heads": heads,
+        "n_layers": 2,
+        "mlp_ratio": 4,
+        "max_seq_len": 64,
+        "vocab_size": VOCAB,
+        "alibi": True,
+        "alibi_bias_max": 8,
+        "attn_qk_ln": True,
+        "attn_clip_qkv": None,
+        "softmax_scale": None,
+        "no_bias": True,
+        "low_precision_layernorm": True,
+        "logit_scale": None,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(mosaic_config))
+    config, model = lm_from_pretrained(str(tmp_path))
+    assert (config.family, config.qk_norm, config.mlp_dim) == ("mpt", True, 4 * width)
+    assert _logits_match(reference, model) <= 1e-4
+    assert _decode_matches_full_pass(model, config) <= 1e-4
+    with pytest.raises(ValueError, match="n_heads is a power of two=False is not supported"):
+        mpt.mosaic_gpt_config_from_hf({**mosaic_config, "n_heads": 6})
+
+
 def test_alibi_slopes_follow_mpt():
     for heads in (4, 6, 12, 32):
         expected = transformers.models.mpt.modeling_mpt.build_mpt_alibi_tensor(heads, 2, alibi_bias_max=8)

@@ -1,6 +1,6 @@
 """One entry point for LM weights of every family: ``load_lm(path)`` picks the importer from the
 file (a ``.gguf`` file: Llama) or from ``config.json``'s ``model_type`` (``llama`` / ``mistral``,
-``mpt``, ``gpt_neox``)."""
+``mpt``, ``mosaic_gpt``, ``gpt_neox``)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ HF_LOADERS = {
     "llama": llama.load_hf_llama,
     "mistral": llama.load_hf_llama,
     "mpt": mpt.load_hf_mpt,
+    "mosaic_gpt": mpt.load_mosaic_gpt,
     "gpt_neox": gpt_neox.load_hf_gpt_neox,
 }
 
