@@ -20,7 +20,8 @@ MODEL_FILES = sorted(
 
 def test_model_files_exist():
     names = {os.path.basename(path) for path in MODEL_FILES}
-    expected = {"flamingo_3b.gin", "flamingo_9b.gin", "flamingo_80b.gin", "openflamingo_3b.gin", "openflamingo_9b.gin"}
+    expected = {"flamingo_3b.gin", "flamingo_9b.gin", "flamingo_80b.gin"}
+    expected |= {"openflamingo_3b.gin", "openflamingo_4b.gin", "openflamingo_9b.gin"}
     assert expected | {"smollm2_135m.gin", "tiny.gin"} <= names
 
 
@@ -36,6 +37,12 @@ def test_openflamingo_layout():
     assert config.xattn_layer_indices == (3, 7, 11, 15, 19, 23, 27, 31)
     assert (config.xattn.num_heads, config.xattn.head_dim, config.xattn.activation) == (8, 64, "gelu")
     assert config.resampler.max_frames == 0
+    # The v2 releases' LMs and their xattn spacing (OpenFlamingo's model cards).
+    families = {}
+    for name in ("3b", "4b", "9b"):
+        config = configs.load_model_config(f"models/openflamingo_{name}.gin")
+        families[name] = (config.lm.family, config.lm.num_layers, config.xattn.every, len(config.xattn_layer_indices))
+    assert families == {"3b": ("mpt", 24, 1, 24), "4b": ("gpt_neox", 32, 2, 16), "9b": ("mpt", 32, 4, 8)}
 
 
 def test_smollm2_matches_the_shipped_checkpoint_shape():
