@@ -169,7 +169,15 @@ def test_gated_cross_attention_parity(attend):
     assert _close(actual, expected) <= 1e-5
 
 
-def test_openflamingo_checkpoint_maps_onto_the_openflamingo_config():
+@pytest.mark.parametrize(
+    "block_prefix",
+    [
+        "lang_encoder.gated_cross_attn_layers.{}.",
+        # The released v2 files: the blocks inside the wrapped decoder layers (MPT's names).
+        "lang_encoder.transformer.blocks.{}.gated_cross_attn_layer.",
+    ],
+)
+def test_openflamingo_checkpoint_maps_onto_the_openflamingo_config(block_prefix):
     helpers = _openflamingo_helpers()
     config = configs.load_model_config(
         "models/tiny.gin",
@@ -184,21 +192,37 @@ def test_openflamingo_checkpoint_maps_onto_the_openflamingo_config():
     assert config.xattn_layer_indices == (1, 3)
     resampler = helpers.PerceiverResampler(dim=48, depth=2, dim_head=16, heads=2, num_latents=4)
     state = {f"perceiver.{k}": v for k, v in _numpy_state(resampler).items()}
+    gates = {}
     for layer in (1, 3):
         block = helpers.GatedCrossAttentionBlock(dim=64, dim_visual=48, dim_head=16, heads=4, ff_mult=4)
-        state.update({f"lang_encoder.gated_cross_attn_layers.{layer}.{k}": v for k, v in _numpy_state(block).items()})
+        with torch.no_grad():
+            block.attn_gate.fill_(0.1 * layer)
+        state.update({block_prefix.format(layer) + k: v for k, v in _numpy_state(block).items()})
+        gates[layer] = float(block.attn_gate.detach())
     embeddings = np.random.default_rng(0).normal(size=(131, 64)).astype(np.float32)
-    state["lang_encoder.model.embed_tokens.weight"] = embeddings
+    head = np.random.default_rng(1).normal(size=(131, 64)).astype(np.float32)
+    state["lang_encoder.transformer.wte.weight"] = embeddings
+    state["lang_encoder.embed_out.weight"] = head
     params = openflamingo.flamingo_params(
         state,
         config,
         media_token_index=129,
         endofchunk_token_index=128,
-        input_embeddings_key="lang_encoder.model.embed_tokens.weight",
+        input_embeddings_key="lang_encoder.transformer.wte.weight",
+        output_embeddings_key="lang_encoder.embed_out.weight",
     )
     model = _build(Flamingo, config)
     assign(model, params)
+    assert [float(model.xattn_layers[position].attn_gate[...]) for position in (0, 1)] == [gates[1], gates[3]]
+    # OpenFlamingo trains the whole input embedding: its base rows replace the LM's.
     np.testing.assert_array_equal(np.asarray(model.new_tokens.embed[...]), embeddings[[129, 128]])
+    np.testing.assert_array_equal(np.asarray(model.lm.embed[...]), embeddings[:128])
+    np.testing.assert_array_equal(np.asarray(model.lm.lm_head.linear.kernel[...]), head[:128].T)
+    np.testing.assert_array_equal(np.asarray(model.new_tokens.head[...]), head[[129, 128]].T)
+    with pytest.raises(ValueError, match="checkpoint has no 'lang_encoder.wte'"):
+        openflamingo.flamingo_params(
+            state, config, media_token_index=129, endofchunk_token_index=128, input_embeddings_key="lang_encoder.wte"
+        )
     every_layer = configs.load_model_config(
         "models/tiny.gin", ["XAttnConfig.placement = 'openflamingo'", "XAttnConfig.every = 1"]
     )

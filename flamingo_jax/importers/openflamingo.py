@@ -4,13 +4,20 @@ OpenFlamingo-layout Flamingo config (``experiments/models/openflamingo_*.gin``).
 Key mapping:
   perceiver.latents / .frame_embs / .layers.{i}.0.{norm_media,norm_latents,to_q,to_kv,to_out}
     / .layers.{i}.1.{0,1,3} / .norm                        -> resampler/...
-  lang_encoder.gated_cross_attn_layers.{layer}.attn.{norm,to_q,to_kv,to_out} / .attn_gate
-    / .ff.{0,1,3} / .ff_gate                               -> xattn_layers/{position}/...
-  the <image> and <|endofchunk|> rows of the LM input embeddings -> new_tokens/embed
+  lang_encoder.{decoder layers}.{layer}.gated_cross_attn_layer.attn.{norm,to_q,to_kv,to_out}
+    / .attn_gate / .ff.{0,1,3} / .ff_gate                  -> xattn_layers/{position}/...
+    (the released v2 files, whose training script drops the ``gated_cross_attn_layers``
+    aliases: decoder layers ``transformer.blocks`` for MPT, ``gpt_neox.layers`` for GPT-NeoX;
+    ``lang_encoder.gated_cross_attn_layers.{layer}.`` is read too)
+  the LM input embeddings (trained by OpenFlamingo): the base rows -> lm/embed, the <image>
+    and <|endofchunk|> rows -> new_tokens/embed; an untied output embedding likewise -> lm/lm_head
+    and new_tokens/head
 The file is read with ``torch.load(weights_only=True)``: no pickled code runs.
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 
@@ -77,30 +84,60 @@ def flamingo_params(
     media_token_index: int | None = None,
     endofchunk_token_index: int | None = None,
     input_embeddings_key: str | None = None,
+    output_embeddings_key: str | None = None,
 ) -> dict[str, np.ndarray]:
     """A whole OpenFlamingo ``checkpoint.pt`` state -> our Flamingo parameters (flat paths).
 
-    With ``input_embeddings_key`` (the LM input-embedding matrix in the checkpoint) and the two
-    token indices of the OpenFlamingo tokenizer, the new tokens' rows are imported too.
+    With ``input_embeddings_key`` (the LM input-embedding matrix in the checkpoint, e.g.
+    ``lang_encoder.transformer.wte.weight``) and the two token indices of the OpenFlamingo
+    tokenizer, the embeddings are imported too: OpenFlamingo trains the whole input embedding,
+    so its base rows replace the LM's own. ``output_embeddings_key`` does the same for an untied
+    head (GPT-NeoX's ``lang_encoder.embed_out.weight``). Rows beyond the base vocabulary and the
+    two new tokens (OpenFlamingo's ``<PAD>``) are not part of our model.
     """
     if config.xattn.placement != "openflamingo":
         raise ValueError("OpenFlamingo checkpoints need XAttnConfig.placement = 'openflamingo'")
     params = {f"resampler/{k}": v for k, v in resampler_params(state, config.resampler.depth).items()}
-    present = sorted(
-        {int(key.split(".")[2]) for key in state if key.startswith("lang_encoder.gated_cross_attn_layers.")}
-    )
-    expected = list(config.xattn_layer_indices)
+    prefixes = {}  # LM layer -> the key prefix of its block
+    for key in state:
+        found = _BLOCK_KEY.match(key)
+        if found:
+            layer = int(found.group("aliased") or found.group("wrapped"))
+            prefixes[layer] = key[: found.end()]
+    present, expected = sorted(prefixes), list(config.xattn_layer_indices)
     if present != expected:
         raise ValueError(f"checkpoint has xattn blocks before LM layers {present}, the config expects {expected}")
     for position, layer in enumerate(expected):
-        block = xattn_block_params(state, f"lang_encoder.gated_cross_attn_layers.{layer}.")
+        block = xattn_block_params(state, prefixes[layer])
         params.update({f"xattn_layers/{position}/{k}": v for k, v in block.items()})
-    if input_embeddings_key is not None:
+    vocab = config.lm.vocab_size
+    for key, base, new in (
+        (input_embeddings_key, "lm/embed", "new_tokens/embed"),
+        (output_embeddings_key, "lm/lm_head/linear/kernel", "new_tokens/head"),
+    ):
+        if key is None:
+            continue
         if media_token_index is None or endofchunk_token_index is None:
-            raise ValueError("importing the new-token rows needs media_token_index and endofchunk_token_index")
-        table = np.asarray(state[input_embeddings_key], np.float32)
-        params["new_tokens/embed"] = table[[media_token_index, endofchunk_token_index]]
+            raise ValueError("importing the embedding rows needs media_token_index and endofchunk_token_index")
+        if key not in state:
+            raise ValueError(f"checkpoint has no {key!r}; its embedding keys: {[k for k in state if 'embed' in k]}")
+        table = np.asarray(state[key], np.float32)
+        if min(media_token_index, endofchunk_token_index) < vocab or table.shape[0] < vocab:
+            raise ValueError(
+                f"{key} has {table.shape[0]} rows and the new tokens at {media_token_index} / "
+                f"{endofchunk_token_index}; LlamaConfig.vocab_size={vocab} must cover the base rows only"
+            )
+        rows = table[[media_token_index, endofchunk_token_index]]
+        params[base] = table[:vocab] if base == "lm/embed" else table[:vocab].T
+        params[new] = rows if new == "new_tokens/embed" else rows.T
     return params
+
+
+# A block's keys: ``lang_encoder.gated_cross_attn_layers.{i}.`` or ``lang_encoder.<decoder
+# layers>.{i}.gated_cross_attn_layer.``.
+_BLOCK_KEY = re.compile(
+    r"lang_encoder\.(?:gated_cross_attn_layers\.(?P<aliased>\d+)\.|[\w.]*?\.(?P<wrapped>\d+)\.gated_cross_attn_layer\.)"
+)
 
 
 def load_checkpoint(path: str) -> dict[str, np.ndarray]:

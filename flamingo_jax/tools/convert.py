@@ -2,7 +2,7 @@
 
   python -m flamingo_jax.tools.convert --gin_file=models/X.gin --lm=path/to/model.gguf --output=/tmp/init
 
-Sources (any subset; each a path or a registered weights name): ``--lm`` a Hugging Face Llama
+Sources (any subset; each a path or a registered weights name): ``--lm`` a Hugging Face LM
 directory or a ``.gguf`` file; ``--vision_hf`` a ``CLIPVisionModel`` directory (safetensors);
 ``--vision_open_clip`` an open_clip state dict (``.safetensors``, or ``.pt`` read with
 ``weights_only=True``); ``--vision_efficientnet`` an ``efficientnet_pytorch``-layout ``.pth``;
@@ -25,7 +25,7 @@ from flamingo_jax.importers.pretrained import pretrained_params
 
 _GIN_FILE = flags.DEFINE_multi_string("gin_file", [], "Model gin file(s) the weights are for.")
 _GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "Extra bindings; also spelled --gin.KEY=VALUE.")
-_LM = flags.DEFINE_string("lm", None, "Hugging Face Llama directory or .gguf file.")
+_LM = flags.DEFINE_string("lm", None, "Hugging Face LM directory (Llama, MPT, MosaicGPT, GPT-NeoX) or .gguf file.")
 _VISION_HF = flags.DEFINE_string("vision_hf", None, "Hugging Face CLIPVisionModel directory.")
 _VISION_OPEN_CLIP = flags.DEFINE_string("vision_open_clip", None, "open_clip state dict file.")
 _VISION_EFFICIENTNET = flags.DEFINE_string("vision_efficientnet", None, "efficientnet_pytorch-layout .pth file.")
@@ -33,7 +33,14 @@ _OPENFLAMINGO = flags.DEFINE_string("openflamingo", None, "OpenFlamingo checkpoi
 _PARAMS = flags.DEFINE_string("params", None, "A parameter checkpoint of this project, in either layer layout.")
 _MEDIA_INDEX = flags.DEFINE_integer("openflamingo_media_token", None, "<image> id in the OpenFlamingo tokenizer.")
 _EOC_INDEX = flags.DEFINE_integer("openflamingo_endofchunk_token", None, "<|endofchunk|> id there.")
-_EMBED_KEY = flags.DEFINE_string("openflamingo_embeddings_key", None, "Input-embedding key in the checkpoint.")
+_EMBED_KEY = flags.DEFINE_string(
+    "openflamingo_embeddings_key",
+    None,
+    "Input-embedding key in the checkpoint, e.g. lang_encoder.transformer.wte.weight.",
+)
+_OUT_EMBED_KEY = flags.DEFINE_string(
+    "openflamingo_output_embeddings_key", None, "Untied output-embedding key there (lang_encoder.embed_out.weight)."
+)
 _OUTPUT = flags.DEFINE_string("output", None, "Directory to write the parameter checkpoint to.")
 
 
@@ -48,6 +55,7 @@ def main(argv) -> None:
     if _EMBED_KEY.value:
         tokens = dict(
             input_embeddings_key=_EMBED_KEY.value,
+            output_embeddings_key=_OUT_EMBED_KEY.value,
             media_token_index=_MEDIA_INDEX.value,
             endofchunk_token_index=_EOC_INDEX.value,
         )
