@@ -3,6 +3,7 @@ same random weights, cached decoding equal to the full pass, and the importers' 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax.numpy as jnp
@@ -14,8 +15,10 @@ transformers = pytest.importorskip("transformers")
 
 from flamingo_jax.importers import gpt_neox, mpt  # noqa: E402
 from flamingo_jax.importers.lm import load_lm  # noqa: E402
-from flamingo_jax.importers.pretrained import lm_from_pretrained  # noqa: E402
+from flamingo_jax.importers.pretrained import flamingo_from_pretrained, lm_from_pretrained  # noqa: E402
 from flamingo_jax.models.llama import KVCache, LlamaConfig, alibi_slopes  # noqa: E402
+
+from conftest import with_lm_family  # noqa: E402
 
 pytestmark = pytest.mark.reference
 
@@ -140,6 +143,27 @@ def test_mosaic_gpt_layout_with_qk_layernorms(tmp_path):
     assert _decode_matches_full_pass(model, config) <= 1e-4
     with pytest.raises(ValueError, match="n_heads is a power of two=False is not supported"):
         mpt.mosaic_gpt_config_from_hf({**mosaic_config, "n_heads": 6})
+
+
+def test_flamingo_with_an_mpt_lm_whose_embedding_is_padded(tmp_path, tiny_config):
+    """A Flamingo model around an imported MPT whose embedding has more rows than the tokenizer
+    (MPT-1B: 50432 for 50277 tokens): the unused rows are dropped, and with the gates at 0 the
+    model's base-vocabulary logits are the LM's."""
+    torch.manual_seed(0)
+    hf_config = transformers.MptConfig(d_model=64, n_heads=4, n_layers=4, vocab_size=160, max_seq_len=64)
+    reference = transformers.MptForCausalLM(hf_config).float().eval()
+    _randomise_norms(reference)
+    reference.save_pretrained(tmp_path)
+    config = with_lm_family(tiny_config, "mpt")
+    config = dataclasses.replace(config, lm=dataclasses.replace(config.lm, clip_qkv=None, qk_norm=False, mlp_dim=256))
+    model = flamingo_from_pretrained(config, lm=str(tmp_path))
+    tokens = np.random.default_rng(0).integers(0, 128, (1, 9))
+    with torch.no_grad():
+        expected = reference(torch.tensor(tokens)).logits.numpy()[..., :128]
+    images = np.zeros((1, 1, 1, 16, 16, 3), np.float32)
+    logits, _ = model(tokens.astype(np.int32), np.zeros((1, 9), np.int32), np.ones((1, 1), bool), images)
+    assert np.asarray(logits).shape[-1] == 130  # 128 base tokens, <image>, <|endofchunk|>
+    assert np.abs(np.asarray(logits)[..., :128] - expected).max() <= 1e-4
 
 
 def test_alibi_slopes_follow_mpt():

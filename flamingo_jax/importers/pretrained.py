@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -70,6 +71,11 @@ def pretrained_params(
         params.update(read_params(checkpoint))
     if lm:
         lm_config, lm_params = load_lm(lm)
+        if lm_config.vocab_size > config.lm.vocab_size:
+            # Embeddings padded beyond the tokenizer (MPT's and GPT-NeoX's 50432 rows for 50277
+            # tokens): the rows no token id reaches are dropped, as OpenFlamingo's resize does.
+            lm_params = _keep_vocab_rows(lm_params, config.lm.vocab_size)
+            lm_config = dataclasses.replace(lm_config, vocab_size=config.lm.vocab_size)
         for field in (
             "family",
             "vocab_size",
@@ -118,6 +124,14 @@ def pretrained_params(
                 f"converted weight {key!r} has shape {value.shape}, the model expects {abstract[key].shape}"
             )
     return params
+
+
+def _keep_vocab_rows(lm_params: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+    """The LM's parameters with its input and output embeddings cut to their first ``rows`` ids."""
+    kept = dict(lm_params, embed=lm_params["embed"][:rows])
+    if "lm_head/linear/kernel" in kept:
+        kept["lm_head/linear/kernel"] = kept["lm_head/linear/kernel"][:, :rows]
+    return kept
 
 
 def _eos_id(lm: str) -> int | None:
