@@ -138,12 +138,13 @@ def test_demo_eval_overrides_to_fewer_tasks():
 
 
 def test_binding_recipe_parses_with_the_demo():
-    """binding.gin on top of the demo: its first block below the frozen LM's copying heads (16.0,
+    """binding.gin on top of the demo: four blocks before the frozen LM's copying heads (16.0,
     17.3), both episode streams iid with the loss on answerable labels only, and each binding
     task evaluated at its own shot counts in the training template."""
     configs.parse_gin(["flamingo_jax/demo/demo_cpu.gin", "flamingo_jax/demo/binding.gin"])
     run_config, eval_config = configs.run_config(), configs.eval_config()
-    assert min(run_config.model.xattn_layer_indices) == 14
+    # Four blocks below the copying heads (exp C6 in flamingo_jax/demo/RESULTS.md).
+    assert [layer for layer in run_config.model.xattn_layer_indices if layer <= 16] == [10, 12, 14, 16]
     datasets = {d.name: d for d in run_config.datasets}
     assert list(datasets) == ["fashion_pairs", "episodes", "names"]
     for name in ("episodes", "names"):
