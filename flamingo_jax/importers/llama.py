@@ -12,7 +12,6 @@ import glob
 import json
 import os
 
-import jax
 import numpy as np
 from flax import nnx
 
@@ -194,9 +193,7 @@ def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
     with nnx.use_eager_sharding(False):
         abstract = nnx.eval_shape(lambda: LlamaLM(config, rngs=CountingRngs(0)))
     return {
-        "/".join(map(str, path)): tuple(leaf.shape)
-        for path, leaf in nnx.to_flat_state(nnx.state(abstract, nnx.Param))
-        if isinstance(leaf, jax.ShapeDtypeStruct) or hasattr(leaf, "shape")
+        "/".join(map(str, path)): tuple(leaf.shape) for path, leaf in nnx.to_flat_state(nnx.state(abstract, nnx.Param))
     }
 
 
