@@ -32,11 +32,21 @@ _LAYER = {
 }
 
 
+def _mpt_config(source: str, unsupported: dict, overrides: dict, **shape) -> LlamaConfig:
+    """LlamaConfig(family='mpt') of either layout: raises naming the first setting in
+    ``unsupported`` ({name: (value, the one supported value)}) that the model does not implement."""
+    for name, (value, supported) in unsupported.items():
+        if value != supported:
+            raise ValueError(f"{source}: {name}={value!r} is not supported (only {supported!r})")
+    values = dict(family="mpt", num_kv_heads=shape["num_heads"], tie_embeddings=True, **shape)
+    values.update(overrides)
+    return LlamaConfig(**values)
+
+
 def mpt_config_from_hf(config: dict, *, source: str = "MPT config", **overrides) -> LlamaConfig:
     """A Hugging Face MPT ``config.json`` dict -> LlamaConfig(family='mpt'); raises naming any
     setting the model does not implement."""
     attn = config.get("attn_config") or {}
-    width, heads = config["d_model"], config["n_heads"]
     unsupported = {
         "attn_config.alibi": (attn.get("alibi", True), True),
         "attn_config.attn_type": (attn.get("attn_type", "multihead_attention"), "multihead_attention"),
@@ -45,25 +55,20 @@ def mpt_config_from_hf(config: dict, *, source: str = "MPT config", **overrides)
         "logit_scale": (config.get("logit_scale"), None),
         "no_bias": (config.get("no_bias", True), True),
     }
-    for name, (value, supported) in unsupported.items():
-        if value != supported:
-            raise ValueError(f"{source}: {name}={value!r} is not supported (only {supported!r})")
-    values = dict(
-        family="mpt",
+    return _mpt_config(
+        source,
+        unsupported,
+        overrides,
         vocab_size=config["vocab_size"],
-        width=width,
+        width=config["d_model"],
         num_layers=config["n_layers"],
-        num_heads=heads,
-        num_kv_heads=heads,
-        mlp_dim=int(config.get("expansion_ratio", 4)) * width,
+        num_heads=config["n_heads"],
+        mlp_dim=int(config.get("expansion_ratio", 4)) * config["d_model"],
         norm_eps=float(config.get("layer_norm_epsilon", 1e-5)),
-        tie_embeddings=True,
         alibi_bias_max=float(attn.get("alibi_bias_max", 8)),
         qk_norm=bool(attn.get("qk_ln", False)),
         clip_qkv=attn.get("clip_qkv"),
     )
-    values.update(overrides)
-    return LlamaConfig(**values)
 
 
 _MOSAIC_LAYER = {
@@ -88,25 +93,20 @@ def mosaic_gpt_config_from_hf(config: dict, *, source: str = "MosaicGPT config",
         "no_bias": (config.get("no_bias", True), True),
         "n_heads is a power of two": (heads & (heads - 1) == 0, True),
     }
-    for name, (value, supported) in unsupported.items():
-        if value != supported:
-            raise ValueError(f"{source}: {name}={value!r} is not supported (only {supported!r})")
-    values = dict(
-        family="mpt",
+    return _mpt_config(
+        source,
+        unsupported,
+        overrides,
         vocab_size=config["vocab_size"],
         width=config["d_model"],
         num_layers=config["n_layers"],
         num_heads=heads,
-        num_kv_heads=heads,
         mlp_dim=int(config.get("mlp_ratio", 4)) * config["d_model"],
         norm_eps=1e-5,  # MosaicGPT's LayerNorms keep torch's default
-        tie_embeddings=True,
         alibi_bias_max=float(config.get("alibi_bias_max", 8)),
         qk_norm=bool(config.get("attn_qk_ln", False)),
         clip_qkv=config.get("attn_clip_qkv"),
     )
-    values.update(overrides)
-    return LlamaConfig(**values)
 
 
 def load_mosaic_gpt(directory: str, **config_overrides) -> tuple[LlamaConfig, dict[str, np.ndarray]]:

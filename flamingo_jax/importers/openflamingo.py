@@ -111,9 +111,10 @@ def flamingo_params(
         block = xattn_block_params(state, prefixes[layer])
         params.update({f"xattn_layers/{position}/{k}": v for k, v in block.items()})
     vocab = config.lm.vocab_size
-    for key, base, new in (
-        (input_embeddings_key, "lm/embed", "new_tokens/embed"),
-        (output_embeddings_key, "lm/lm_head/linear/kernel", "new_tokens/head"),
+    # (checkpoint key, our base rows, our new-token rows, whether ours are [width, tokens]).
+    for key, base, new, columns in (
+        (input_embeddings_key, "lm/embed", "new_tokens/embed", False),
+        (output_embeddings_key, "lm/lm_head/linear/kernel", "new_tokens/head", True),
     ):
         if key is None:
             continue
@@ -127,9 +128,9 @@ def flamingo_params(
                 f"{key} has {table.shape[0]} rows and the new tokens at {media_token_index} / "
                 f"{endofchunk_token_index}; LlamaConfig.vocab_size={vocab} must cover the base rows only"
             )
-        rows = table[[media_token_index, endofchunk_token_index]]
-        params[base] = table[:vocab] if base == "lm/embed" else table[:vocab].T
-        params[new] = rows if new == "new_tokens/embed" else rows.T
+        base_rows, new_rows = table[:vocab], table[[media_token_index, endofchunk_token_index]]
+        params[base] = base_rows.T if columns else base_rows
+        params[new] = new_rows.T if columns else new_rows
     return params
 
 
