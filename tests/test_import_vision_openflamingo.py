@@ -5,8 +5,6 @@ weights on both sides)."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import os
 
 import numpy as np
 import pytest
@@ -15,6 +13,7 @@ torch = pytest.importorskip("torch", reason="needs the [reference] extra (torch,
 transformers = pytest.importorskip("transformers")
 
 from flax import nnx  # noqa: E402
+from references import openflamingo_module  # noqa: E402
 
 from flamingo_jax import configs  # noqa: E402
 from flamingo_jax.importers import clip, openflamingo  # noqa: E402
@@ -107,15 +106,7 @@ def test_open_clip_layout_gives_the_same_model(hf_clip):
 
 
 def _openflamingo_helpers():
-    """open_flamingo/src/helpers.py loaded directly (importing the package pulls in open_clip)."""
-    spec = importlib.util.find_spec("open_flamingo")
-    if spec is None:
-        pytest.skip("needs open-flamingo (pip install --no-deps open-flamingo)")
-    path = os.path.join(os.path.dirname(spec.origin), "src", "helpers.py")
-    module_spec = importlib.util.spec_from_file_location("open_flamingo_helpers", path)
-    helpers = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(helpers)
-    return helpers
+    return openflamingo_module("helpers")
 
 
 def _close(actual, expected):

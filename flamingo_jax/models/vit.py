@@ -19,8 +19,9 @@ from flamingo_jax.models import layers
 class ViTConfig:
     """A CLIP-style ViT. ``output_tokens``: 'patches' (open_clip/OpenFlamingo) or 'all' (with CLS).
 
-    ``post_norm_tokens``: apply the final LayerNorm to the returned tokens (open_clip does; the
-    Hugging Face ``CLIPVisionModel.last_hidden_state`` does not).
+    ``post_norm_tokens``: apply the final LayerNorm to the returned tokens (open_clip >= 2.24
+    does by default; open_clip before 2.24, whose tokens OpenFlamingo v2 trained on, and the
+    Hugging Face ``CLIPVisionModel.last_hidden_state`` do not).
     """
 
     image_size: int = 224
