@@ -58,6 +58,8 @@ def main(argv) -> None:
         configs.parse_gin(_GIN_FILE.value, _GIN_BINDINGS.value)
         run_config = configs.run_config()
         if _MODE.value == "train":
+            if not run_config.datasets:
+                raise ValueError("RunConfig.datasets is empty: bind at least one DatasetConfig to train")
             for dataset in run_config.datasets:
                 dataset.check_path()
         wants_eval = _MODE.value == "eval" or run_config.evaluate_at_end

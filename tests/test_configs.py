@@ -80,7 +80,7 @@ RUN_FILES = sorted(
     os.path.relpath(path, configs.EXPERIMENTS_DIR)
     for path in glob.glob(os.path.join(configs.EXPERIMENTS_DIR, "runs", "*.gin"))
     # Partial files added to a run: evaluation settings and the shared paper recipe.
-    if os.path.basename(path) not in ("eval_benchmarks.gin", "flamingo_recipe.gin")
+    if os.path.basename(path) not in ("eval_benchmarks.gin", "openflamingo_eval.gin", "flamingo_recipe.gin")
 ) + ["flamingo_jax/demo/demo_cpu.gin", "flamingo_jax/demo/contrastive_fashion.gin"]
 
 
@@ -89,6 +89,23 @@ def test_eval_gin_parses_beside_a_run(path):
     configs.parse_gin(["runs/smoke_cpu.gin", path])
     eval_config = configs.eval_config()
     assert eval_config.tasks and eval_config.shots
+
+
+@pytest.mark.parametrize("size", ["3b", "4b", "9b"])
+def test_openflamingo_eval_follows_its_protocol(size):
+    """open_flamingo/eval/evaluate.py: shots 0/4/8/16/32, one trial with seed 42, a 2048-example
+    demonstration pool, 3 beams without length penalty, 20 new tokens for captions and 5 for
+    VQA; a converted model is evaluated as the run's initialisation, with no training data."""
+    configs.parse_gin([f"models/openflamingo_{size}.gin", "runs/openflamingo_eval.gin"])
+    run_config, eval_config = configs.run_config(), configs.eval_config()
+    assert run_config.datasets == () and run_config.model.xattn.placement == "openflamingo"
+    assert (eval_config.shots, eval_config.seeds, eval_config.pool_size) == ((0, 4, 8, 16, 32), (42,), 2048)
+    assert (eval_config.num_beams, eval_config.length_penalty, eval_config.checkpoint_step) == (3, 0.0, 0)
+    assert {task: eval_config.for_task(task, 0).max_new_tokens for task in eval_config.tasks} == {
+        "coco": 20,
+        "vqav2": 5,
+        "hateful_memes": 20,
+    }
 
 
 @pytest.mark.parametrize("path", RUN_FILES)

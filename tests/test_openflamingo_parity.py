@@ -10,6 +10,10 @@ with ln_post on the tokens (open_clip >= 2.24) and without (the releases OpenFla
 from __future__ import annotations
 
 import dataclasses
+import json
+import subprocess
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -154,14 +158,45 @@ FAMILIES = {
 }
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_whole_model_matches_openflamingo(tmp_path, family):
+SIZES = [
+    f"LlamaConfig.vocab_size = {BASE_VOCAB}",
+    "LlamaConfig.width = 64",
+    "LlamaConfig.num_layers = 4",
+    "LlamaConfig.num_heads = 4",
+    "LlamaConfig.num_kv_heads = 4",
+    "LlamaConfig.mlp_dim = 256",
+    f"ViTConfig.image_size = {IMAGE}",
+    f"ViTConfig.patch_size = {PATCH}",
+    f"ViTConfig.width = {VISION_WIDTH}",
+    "ViTConfig.depth = 2",
+    "ViTConfig.num_heads = 4",
+    f"ViTConfig.mlp_dim = {4 * VISION_WIDTH}",
+    f"ResamplerConfig.width = {VISION_WIDTH}",
+]
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    """family -> OpenFlamingo's model built by its factory, and the files a user would have of it:
+    the LM directory, the tokenizer, the vision state dict and the checkpoint its training
+    script saves (built once per family)."""
+    built = {}
+
+    def get(family):
+        if family not in built:
+            built[family] = _release(family, tmp_path_factory.mktemp(f"openflamingo_{family}"))
+        return built[family]
+
+    return get
+
+
+def _release(family, root):
     gin_file, overrides, every, layers_prefix, (embed_key, head_key) = FAMILIES[family]
-    lm_dir, tokenizer_dir = tmp_path / "lm", tmp_path / "tokenizer"
+    lm_dir, tokenizer_dir = root / "lm", root / "tokenizer"
     _language_model(family, lm_dir)
     _tokenizer(tokenizer_dir)
     visual = _open_clip_vit(final_ln_after_pool=True)  # tokens without ln_post, as OpenFlamingo v2's
-    torch.save(visual.state_dict(), tmp_path / "visual.pt")
+    torch.save(visual.state_dict(), root / "visual.pt")
 
     factory = openflamingo_module("factory")
     factory.open_clip = open_clip_zoo(visual, VISION_WIDTH)
@@ -186,38 +221,32 @@ def test_whole_model_matches_openflamingo(tmp_path, family):
         state[head_key] = reference.lang_encoder.get_output_embeddings().weight.detach().clone()
     assert any(key.startswith(f"{layers_prefix}.") and ".gated_cross_attn_layer." in key for key in state)
     assert not any("decoder_layer" in key or "vision_encoder" in key for key in state)
-    torch.save({"model_state_dict": state}, tmp_path / "checkpoint.pt")
-
-    config = configs.load_model_config(
-        gin_file,
-        [
-            f"LlamaConfig.vocab_size = {BASE_VOCAB}",
-            "LlamaConfig.width = 64",
-            "LlamaConfig.num_layers = 4",
-            "LlamaConfig.num_heads = 4",
-            "LlamaConfig.num_kv_heads = 4",
-            "LlamaConfig.mlp_dim = 256",
-            f"XAttnConfig.every = {every}",
-            f"ViTConfig.image_size = {IMAGE}",
-            f"ViTConfig.patch_size = {PATCH}",
-            f"ViTConfig.width = {VISION_WIDTH}",
-            "ViTConfig.depth = 2",
-            "ViTConfig.num_heads = 4",
-            f"ViTConfig.mlp_dim = {4 * VISION_WIDTH}",
-            f"ResamplerConfig.width = {VISION_WIDTH}",
-            *overrides,
-        ],
-    )
-    model = flamingo_from_pretrained(
-        config,
+    torch.save({"model_state_dict": state}, root / "checkpoint.pt")
+    bindings = [*SIZES, f"XAttnConfig.every = {every}", *overrides]
+    sources = dict(
         lm=str(lm_dir),
-        vision_open_clip=str(tmp_path / "visual.pt"),
-        openflamingo=str(tmp_path / "checkpoint.pt"),
+        vision_open_clip=str(root / "visual.pt"),
+        openflamingo=str(root / "checkpoint.pt"),
         media_token_index=media,
         endofchunk_token_index=eoc,
         input_embeddings_key=embed_key,
         output_embeddings_key=head_key,
     )
+    return types.SimpleNamespace(
+        family=family, root=root, gin_file=gin_file, bindings=bindings, sources=sources, reference=reference
+    )
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_whole_model_matches_openflamingo(release, family):
+    released = release(family)
+    reference, media, eoc = (
+        released.reference,
+        released.sources["media_token_index"],
+        released.sources["endofchunk_token_index"],
+    )
+    config = configs.load_model_config(released.gin_file, released.bindings)
+    model = flamingo_from_pretrained(config, **released.sources)
 
     # <image> w5 w9 w3 <|endofchunk|> <image> w7 w2, two images; OpenFlamingo's ids.
     prompt = np.array([[media, 5, 9, 3, eoc, media, 7, 2], [media, 11, 4, eoc, media, 8, 6, 1]])
@@ -247,3 +276,62 @@ def test_whole_model_matches_openflamingo(tmp_path, family):
         length = int(generated.lengths[row])
         assert [ours_of.get(int(t), int(t)) for t in theirs[row, :length]] == generated.tokens[row, :length].tolist()
         assert length == steps or theirs[row, length - 1] == eoc
+
+
+def test_converted_checkpoint_evaluates_with_the_openflamingo_protocol(release, benchmark_files, tmp_path):
+    """``tools.convert`` on the released files, then ``--mode=eval`` of the converted weights on
+    COCO / VQAv2 / HatefulMemes files in their published layouts, with runs/openflamingo_eval.gin
+    (each task with its own decoding length)."""
+    released = release("mpt")  # the conversion path is the same for every family
+    sources = released.sources
+    converted = tmp_path / "converted"
+    flags = [
+        f"--lm={sources['lm']}",
+        f"--vision_open_clip={sources['vision_open_clip']}",
+        f"--openflamingo={sources['openflamingo']}",
+        f"--openflamingo_media_token={sources['media_token_index']}",
+        f"--openflamingo_endofchunk_token={sources['endofchunk_token_index']}",
+        f"--openflamingo_embeddings_key={sources['input_embeddings_key']}",
+    ]
+    bindings = [f"--gin_bindings={b}" for b in released.bindings]
+    run = lambda *args: subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True)
+    result = run(
+        "flamingo_jax.tools.convert", f"--gin_file={released.gin_file}", *bindings, *flags, f"--output={converted}"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    files = benchmark_files
+    paths = {
+        "CONVERTED": converted,
+        "TOKENIZER": f"hf_json:{released.root / 'tokenizer' / 'tokenizer.json'}",
+        "COCO_JSON": files["coco_json"],
+        "COCO_IMAGES": files["coco_images"],
+        "VQAV2_QUESTIONS": files["vqav2_questions"],
+        "VQAV2_ANNOTATIONS": files["vqav2_annotations"],
+        "VQAV2_IMAGES": files["vqav2_images"],
+        "HATEFUL_MEMES_JSONL": files["hateful_memes_jsonl"],
+        "HATEFUL_MEMES_IMAGES": files["hateful_memes_images"],
+    }
+    small = ["EvalConfig.shots=[0,2]", "EvalConfig.pool_size=0", "EVAL_QUERIES=3", "EvalConfig.batch_size=3"]
+    workdir = tmp_path / "eval"
+    result = run(
+        "flamingo_jax.main",
+        "--mode=eval",
+        f"--gin_file={released.gin_file}",
+        "--gin_file=runs/openflamingo_eval.gin",
+        *bindings,
+        *[f"--gin_bindings={key}='{value}'" for key, value in paths.items()],
+        *[f"--gin_bindings={b}" for b in small],
+        f"--workdir={workdir}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for task, metric, new_tokens in (
+        ("coco", "CIDEr", 20),
+        ("vqav2", "accuracy", 5),
+        ("hateful_memes", "roc_auc", 20),
+    ):
+        with open(workdir / "eval" / f"{task}_0.json") as f:
+            record = json.load(f)
+        assert record["config"]["max_new_tokens"] == new_tokens
+        assert sorted(record["results"]) == ["0", "2"]
+        for values in record["results"].values():
+            assert values["metric"] == metric and np.isfinite(values[metric])

@@ -29,6 +29,8 @@ from flamingo_jax.evaluation.tasks import TASKS, Example, Task
 log = logging.getLogger(__name__)
 
 SELECTIONS = ("random", "rices")
+# EvalConfig fields a task's task_options may set for that task alone.
+DECODING_OPTIONS = ("max_new_tokens", "num_beams", "length_penalty")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,8 +38,10 @@ class EvalConfig:
     """What ``flamingo_jax.main --mode=eval`` (and ``RunConfig.evaluate_at_end``) runs.
 
     ``tasks``: names registered in ``tasks.TASKS``. ``task_options``: ``{task: {option: value}}``
-    passed to that task's factory (file paths of the standard benchmarks, ``num_queries`` or
-    ``shots`` for that task alone, ...). ``checkpoint_step``: None for the latest. ``include_init`` also
+    passed to that task's factory (file paths of the standard benchmarks, ...), or the protocol's
+    own settings for that task alone: ``num_queries``, ``shots`` and the decoding's
+    ``max_new_tokens`` / ``num_beams`` / ``length_penalty`` (OpenFlamingo's protocol decodes 5
+    tokens for VQA, 20 for captions). ``checkpoint_step``: None for the latest. ``include_init`` also
     evaluates the initialisation (step 0: the frozen LM, gates at 0) as the baseline, on the
     tasks ``init_tasks`` and the shot counts ``init_shots`` when those are set (None: all).
     ``prompt_length_multiple``: prompts are left-padded to a multiple of this many tokens, so
@@ -79,6 +83,10 @@ class EvalConfig:
             count = options.get("num_queries", 1)
             if not isinstance(count, int) or count < 1:
                 raise ValueError(f"EvalConfig.task_options[{name!r}]['num_queries']={count!r}: must be a positive int")
+            for key in ("max_new_tokens", "num_beams"):
+                value = options.get(key, 1)
+                if not isinstance(value, int) or value < 1:
+                    raise ValueError(f"EvalConfig.task_options[{name!r}][{key!r}]={value!r}: must be a positive int")
             task_shots = options.get("shots", (0,))
             if not isinstance(task_shots, (list, tuple)) or not all(isinstance(k, int) and k >= 0 for k in task_shots):
                 raise ValueError(
@@ -111,6 +119,13 @@ class EvalConfig:
             **(self.task_options or {}).get(task_name, {}),
         }
 
+    def for_task(self, task_name: str, step: int | None) -> EvalConfig:
+        """This config as ``task_name`` is evaluated at ``step``: its shot counts and its own
+        decoding settings from ``task_options``."""
+        own = (self.task_options or {}).get(task_name, {})
+        decoding = {key: own[key] for key in DECODING_OPTIONS if key in own}
+        return dataclasses.replace(self, checkpoint_step=step, shots=self.shots_for(step, task_name), **decoding)
+
     def queries_for(self, task_name: str) -> int:
         """How many queries of ``task_name`` to evaluate."""
         return self.options_for(task_name)["num_queries"]
@@ -123,7 +138,7 @@ def make_task(name: str, config: EvalConfig) -> Task:
     parameters = inspect.signature(factory).parameters
     offered = {key: value for key, value in config.options_for(name).items() if value is not None}
     # num_queries, pool_size and shots are the protocol's own options (it slices the task by them).
-    protocol = {"num_queries", "pool_size", "shots"}
+    protocol = {"num_queries", "pool_size", "shots", *DECODING_OPTIONS}
     unknown = set((config.task_options or {}).get(name, {})) - set(parameters) - protocol
     if unknown and not any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
         raise ValueError(f"EvalConfig.task_options[{name!r}]: {sorted(unknown)} are not options of the task")

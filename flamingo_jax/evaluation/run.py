@@ -52,7 +52,7 @@ def evaluate_steps(
     for model, step, mesh, rules in load_models(run_config, workdir, steps, trained):
         written = {}
         for name in eval_config.tasks_for(step):
-            config = dataclasses.replace(eval_config, checkpoint_step=step, shots=eval_config.shots_for(step, name))
+            config = eval_config.for_task(name, step)
             task = tasks_to_run[name]
             with sharding.activation_sharding(mesh, rules):
                 result = fewshot.evaluate_task(model, tokenizer, task, config, image_config=image_config)

@@ -62,8 +62,6 @@ class RunConfig:
     data_threads: int = 0
 
     def __post_init__(self):
-        if not self.datasets:
-            raise ValueError("RunConfig.datasets is empty: bind at least one DatasetConfig")
         for name in ("train_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"RunConfig.{name} must be positive, got {getattr(self, name)}")
@@ -216,6 +214,8 @@ def train(config: RunConfig, workdir: str) -> dict:
     ``initial_params`` (kept for ``evaluate_at_end`` in a run that started at step 0, else None),
     which evaluation reuses instead of rebuilding."""
 
+    if not config.datasets:  # evaluation alone needs none
+        raise ValueError("RunConfig.datasets is empty: bind at least one DatasetConfig to train")
     mesh = sharding.create_mesh(config.mesh)
     training = build_training(config, mesh)
     rules = training.rules
