@@ -137,8 +137,10 @@ def train_step_flops(
     tokens = batch_size * length
     xattn_inner = xattn.num_heads * (xattn.head_dim or lm.width // xattn.num_heads)
     visual_tokens = num_media * latents
+    ffw_hidden = xattn.ffw_dim or lm.width * xattn.ffw_mult
+    ffw_matrices = 3 if xattn.ffw == "swiglu" else 2
     block = (
-        tokens * (2 * lm.width * xattn_inner * 2 + 2 * 2 * lm.width * lm.width * xattn.ffw_mult)
+        tokens * (2 * lm.width * xattn_inner * 2 + ffw_matrices * 2 * lm.width * ffw_hidden)
         + media * latents * 2 * 2 * width * xattn_inner
         + tokens * 2 * 2 * visual_tokens * xattn_inner
     )

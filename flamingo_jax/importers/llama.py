@@ -102,7 +102,14 @@ def load_hf_llama(directory: str, **config_overrides) -> tuple[LlamaConfig, dict
     if hf_config.get("model_type", "llama") not in ("llama", "mistral") and "Llama" not in architectures[0]:
         raise ValueError(f"{directory}: model_type {hf_config.get('model_type')!r} is not a Llama-family model")
     config = llama_config_from_hf(hf_config, **config_overrides)
-    tensors = read_hf_tensors(directory)
+    params = llama_params(read_hf_tensors(directory), config, source=directory)
+    check_complete(config, params, source=directory)
+    return config, params
+
+
+def llama_params(tensors: dict[str, np.ndarray], config: LlamaConfig, *, source: str) -> dict[str, np.ndarray]:
+    """Hugging Face Llama tensors (``model.embed_tokens``, ``model.layers.*``, ``model.norm``,
+    ``lm_head``) -> our LM parameters; any other tensor is an error naming it."""
     params = {}
     for name, value in tensors.items():
         value = np.asarray(value, np.float32)
@@ -116,14 +123,13 @@ def load_hf_llama(directory: str, **config_overrides) -> tuple[LlamaConfig, dict
         elif name.startswith("model.layers."):
             index, rest = name[len("model.layers.") :].split(".", 1)
             if rest not in _HF_LAYER:
-                raise ValueError(f"{directory}: unexpected tensor {name}")
+                raise ValueError(f"{source}: unexpected tensor {name}")
             params[f"layers/{index}/{_HF_LAYER[rest]}"] = _to_ours(_HF_LAYER[rest], value)
         elif name.endswith("rotary_emb.inv_freq"):
             continue
         else:
-            raise ValueError(f"{directory}: unexpected tensor {name}")
-    check_complete(config, params, source=directory)
-    return config, params
+            raise ValueError(f"{source}: unexpected tensor {name}")
+    return params
 
 
 def _unpermute_rope(weight: np.ndarray, num_heads: int) -> np.ndarray:

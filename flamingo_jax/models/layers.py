@@ -85,6 +85,15 @@ def layer_norm(
     )
 
 
+def make_norm(kind: str, dim: int, *, eps: float, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs) -> nnx.Module:
+    """A norm by name: 'layer' (LayerNorm with bias) or 'rms' (RMSNorm)."""
+    if kind == "rms":
+        return RMSNorm(dim, eps=eps, param_dtype=param_dtype)
+    if kind != "layer":
+        raise ValueError(f"unknown norm {kind!r}: 'layer' or 'rms'")
+    return layer_norm(dim, eps=eps, param_dtype=param_dtype, rngs=rngs)
+
+
 def apply_norm(norm: nnx.Module, x: jax.Array) -> jax.Array:
     """Applies a norm in its own precision and returns the input dtype."""
     return norm(x).astype(x.dtype)

@@ -24,7 +24,8 @@ class ResamplerConfig:
     ``width`` is the latent width; ``input_dim`` the vision feature width (Flamingo sets it from
     its vision encoder), projected to ``width`` first when they differ (a 3072-wide NFNet-F6
     feeding the paper's 1536-wide resampler). The paper's 194M resampler parameters come out
-    with 16 heads of 128.
+    with 16 heads of 128. ``qk_norm``: a LayerNorm over each head's queries and keys (IDEFICS's
+    ``qk_layer_norms_perceiver``).
     """
 
     width: int = 1536
@@ -37,6 +38,7 @@ class ResamplerConfig:
     ffw_mult: int = 4
     activation: str = "squared_relu"
     norm_eps: float = 1e-5
+    qk_norm: bool = False
     param_dtype: str = "float32"
     dtype: str = "float32"
 
@@ -60,6 +62,13 @@ class PerceiverAttention(nnx.Module):
         self.to_k = dense(config.width, inner, ("embed", "heads"))
         self.to_v = dense(config.width, inner, ("embed", "heads"))
         self.to_out = dense(inner, config.width, ("heads", "embed"))
+        if config.qk_norm:
+            head_norm = lambda: layers.layer_norm(
+                config.head_dim, eps=config.norm_eps, param_dtype=config.param_dtype, rngs=rngs
+            )
+            self.q_norm, self.k_norm = head_norm(), head_norm()
+        else:
+            self.q_norm = self.k_norm = None
 
     def __call__(self, media, latents):
         """media: float[B, S, D]; latents: float[B, L, D] -> float[B, L, D]."""
@@ -68,20 +77,40 @@ class PerceiverAttention(nnx.Module):
         latents = layers.apply_norm(self.norm_latents, latents)
         kv_input = jnp.concatenate([media, latents], axis=1)
         heads = lambda t: t.reshape(t.shape[0], t.shape[1], config.num_heads, config.head_dim)
-        out = layers.dot_product_attention(
-            heads(self.to_q(latents)), heads(self.to_k(kv_input)), heads(self.to_v(kv_input)), None
-        )
+        query, key = heads(self.to_q(latents)), heads(self.to_k(kv_input))
+        if self.q_norm is not None:
+            query, key = layers.apply_norm(self.q_norm, query), layers.apply_norm(self.k_norm, key)
+        out = layers.dot_product_attention(query, key, heads(self.to_v(kv_input)), None)
         return self.to_out(out.reshape(out.shape[0], out.shape[1], -1))
 
 
 class FeedForward(nnx.Module):
-    """LayerNorm -> Linear(x mult) -> activation -> Linear, no biases (OpenFlamingo layout)."""
+    """LayerNorm -> Linear(x mult) -> activation -> Linear, no biases (OpenFlamingo layout).
+    ``hidden``: the hidden width in place of width x mult; ``norm``: 'layer' or 'rms'."""
 
-    def __init__(self, width: int, mult: int, activation: str, *, norm_eps, param_dtype, dtype, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        width: int,
+        mult: int,
+        activation: str,
+        *,
+        norm_eps,
+        param_dtype,
+        dtype,
+        rngs: nnx.Rngs,
+        hidden: int | None = None,
+        norm: str = "layer",
+    ):
+        hidden = hidden or width * mult
         self.activation = activation
-        self.norm = layers.layer_norm(width, eps=norm_eps, param_dtype=param_dtype, rngs=rngs)
-        self.fc1 = layers.Dense(width, width * mult, ("embed", "mlp"), param_dtype=param_dtype, dtype=dtype, rngs=rngs)
-        self.fc2 = layers.Dense(width * mult, width, ("mlp", "embed"), param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+        self.norm = layers.make_norm(norm, width, eps=norm_eps, param_dtype=param_dtype, rngs=rngs)
+        self.fc1 = layers.Dense(width, hidden, ("embed", "mlp"), param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+        self.fc2 = layers.Dense(hidden, width, ("mlp", "embed"), param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+
+    @property
+    def output(self) -> layers.Dense:
+        """The output projection (zero-initialised by ``XAttnConfig.init='zero_output'``)."""
+        return self.fc2
 
     def __call__(self, x):
         return self.fc2(layers.activation(self.activation)(self.fc1(layers.apply_norm(self.norm, x))))

@@ -24,6 +24,9 @@ from flamingo_jax.models.resampler import FeedForward
 PLACEMENTS = ("paper", "openflamingo")
 ATTEND_MODES = ("last", "all_previous")
 INITS = ("paper", "zero_output")
+NORMS = ("layer", "rms")
+FFWS = ("mlp", "swiglu")
+GATE_SHAPES = ("scalar", "vector")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +47,12 @@ class XAttnConfig:
       init: 'paper' (alphas 0, output projections random) or 'zero_output' (alphas ``gate_init``,
         the attention's and the feed-forward's output projections 0). Both start as the frozen LM.
       gate_init: the alphas' start under 'zero_output'.
+      norm: the blocks' norms, 'layer' (LayerNorm: the paper, OpenFlamingo) or 'rms' (IDEFICS).
+      ffw: 'mlp' (norm -> Linear(x ffw_mult) -> activation -> Linear) or 'swiglu' (IDEFICS:
+        norm -> down(activation(gate(x)) * up(x)), hidden ``ffw_dim``, activation 'silu').
+      ffw_dim: the feed-forward's hidden width; None: LM width x ``ffw_mult``.
+      qk_norm: an RMSNorm over each head's queries and keys (IDEFICS's ``qk_layer_norms``).
+      gate_shape: 'scalar' alphas (the paper) or one per channel, 'vector' (IDEFICS's option).
     """
 
     every: int = 1
@@ -57,8 +66,16 @@ class XAttnConfig:
     first_layer: int = 0
     init: str = "paper"
     gate_init: float = 1.0
+    norm: str = "layer"
+    ffw: str = "mlp"
+    ffw_dim: int | None = None
+    qk_norm: bool = False
+    gate_shape: str = "scalar"
 
     def __post_init__(self):
+        for name, allowed in (("norm", NORMS), ("ffw", FFWS), ("gate_shape", GATE_SHAPES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"XAttnConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.init not in INITS:
             raise ValueError(f"XAttnConfig.init must be one of {INITS}, got {self.init!r}")
         if self.first_layer < 0:
@@ -109,25 +126,37 @@ class GatedCrossAttentionBlock(nnx.Module):
         self.head_dim = config.head_dim or lm_width // config.num_heads
         inner = config.num_heads * self.head_dim
         dense = lambda i, o, names: layers.Dense(i, o, names, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
-        self.norm = layers.layer_norm(lm_width, eps=config.norm_eps, param_dtype=param_dtype, rngs=rngs)
+        self.norm = layers.make_norm(config.norm, lm_width, eps=config.norm_eps, param_dtype=param_dtype, rngs=rngs)
         self.to_q = dense(lm_width, inner, ("embed", "heads"))
         self.to_k = dense(media_width, inner, ("media_embed", "heads"))
         self.to_v = dense(media_width, inner, ("media_embed", "heads"))
         self.to_out = dense(inner, lm_width, ("heads", "embed"))
+        if config.qk_norm:
+            self.q_norm = layers.RMSNorm(self.head_dim, eps=config.norm_eps, param_dtype=param_dtype)
+            self.k_norm = layers.RMSNorm(self.head_dim, eps=config.norm_eps, param_dtype=param_dtype)
+        else:
+            self.q_norm = self.k_norm = None
         gate = config.gate_init if config.init == "zero_output" else 0.0
-        self.attn_gate = nnx.Param(jnp.full((), gate, jnp.float32), out_sharding=())
-        self.ffw = FeedForward(
-            lm_width,
-            config.ffw_mult,
-            config.activation,
-            norm_eps=config.norm_eps,
-            param_dtype=param_dtype,
-            dtype=dtype,
-            rngs=rngs,
-        )
-        self.ffw_gate = nnx.Param(jnp.full((), gate, jnp.float32), out_sharding=())
+        gate_shape, gate_names = ((), ()) if config.gate_shape == "scalar" else ((lm_width,), ("norm",))
+        self.attn_gate = nnx.Param(jnp.full(gate_shape, gate, jnp.float32), out_sharding=gate_names)
+        hidden = config.ffw_dim or lm_width * config.ffw_mult
+        if config.ffw == "mlp":
+            self.ffw = FeedForward(
+                lm_width,
+                config.ffw_mult,
+                config.activation,
+                hidden=config.ffw_dim,
+                norm=config.norm,
+                norm_eps=config.norm_eps,
+                param_dtype=param_dtype,
+                dtype=dtype,
+                rngs=rngs,
+            )
+        else:
+            self.ffw = GatedFeedForward(lm_width, hidden, config, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+        self.ffw_gate = nnx.Param(jnp.full(gate_shape, gate, jnp.float32), out_sharding=gate_names)
         if config.init == "zero_output":
-            for kernel in (self.to_out.linear.kernel, self.ffw.fc2.linear.kernel):
+            for kernel in (self.to_out.linear.kernel, self.ffw.output.linear.kernel):
                 kernel[...] = jnp.zeros_like(kernel[...])
         # Diagnostics (tools/binding.py): when set, each call sows what the block adds to the
         # residual stream, float[B, T, W], as nnx.Intermediate 'delta'.
@@ -140,13 +169,18 @@ class GatedCrossAttentionBlock(nnx.Module):
         """
         flat = visual.reshape(visual.shape[0], -1, visual.shape[-1])
         split = lambda t: t.reshape(t.shape[0], t.shape[1], self.config.num_heads, self.head_dim)
-        return split(self.to_k(flat)), split(self.to_v(flat))
+        keys = split(self.to_k(flat))
+        if self.k_norm is not None:
+            keys = self.k_norm(keys)
+        return keys, split(self.to_v(flat))
 
     def __call__(self, x: jax.Array, media_kv: tuple[jax.Array, jax.Array], mask: jax.Array) -> jax.Array:
         """x: float[B, T, W]; mask: bool[B, T, N * L] from :func:`media_attention_mask`."""
         batch, length, _ = x.shape
         query = checkpoint_name(self.to_q(layers.apply_norm(self.norm, x)), scan.QUERY)
         query = query.reshape(batch, length, self.config.num_heads, self.head_dim)
+        if self.q_norm is not None:
+            query = self.q_norm(query)
         # Rows of a token with no visible image have no allowed key: dot_product_attention returns
         # exact zeros for them, so tokens before the first image get zero cross-attention output.
         attended = layers.dot_product_attention(query, media_kv[0], media_kv[1], mask)
@@ -156,3 +190,23 @@ class GatedCrossAttentionBlock(nnx.Module):
         if self.capture_output:
             self.sow(nnx.Intermediate, "delta", out - x)
         return out
+
+
+class GatedFeedForward(nnx.Module):
+    """norm -> down(activation(gate(x)) * up(x)), no biases (IDEFICS's xattn feed-forward)."""
+
+    def __init__(self, width: int, hidden: int, config: XAttnConfig, *, param_dtype, dtype, rngs: nnx.Rngs):
+        dense = lambda i, o, names: layers.Dense(i, o, names, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
+        self.activation = config.activation
+        self.norm = layers.make_norm(config.norm, width, eps=config.norm_eps, param_dtype=param_dtype, rngs=rngs)
+        self.gate = dense(width, hidden, ("embed", "mlp"))
+        self.up = dense(width, hidden, ("embed", "mlp"))
+        self.down = dense(hidden, width, ("mlp", "embed"))
+
+    @property
+    def output(self) -> layers.Dense:
+        return self.down
+
+    def __call__(self, x):
+        x = layers.apply_norm(self.norm, x)
+        return self.down(layers.activation(self.activation)(self.gate(x)) * self.up(x))

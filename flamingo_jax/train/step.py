@@ -27,16 +27,19 @@ class TrainState:
 
 def gate_values(params: FlatParams) -> dict[str, jax.Array]:
     """tanh(alpha) of each xattn gate, keyed 'gate/<block>/attn' and 'gate/<block>/ffw' (the
-    blocks' gates stacked in one array with ``LlamaConfig.scan_layers``)."""
+    blocks' gates stacked in one array with ``LlamaConfig.scan_layers``; per-channel gates,
+    ``XAttnConfig.gate_shape='vector'``, by their mean)."""
     gates = {}
     for key, value in params.items():
         parts = key.split("/")
         if parts[0] == "xattn_layers" and parts[-1] in ("attn_gate", "ffw_gate"):
             kind = parts[-1][: -len("_gate")]
-            if value.ndim == 0:
-                gates[f"gate/{parts[1]}/{kind}"] = jnp.tanh(value)
-            else:
-                gates.update({f"gate/{block}/{kind}": jnp.tanh(value[block]) for block in range(value.shape[0])})
+            if parts[1].isdigit():  # one block's gate
+                gates[f"gate/{parts[1]}/{kind}"] = jnp.mean(jnp.tanh(value))
+            else:  # every block's, stacked on axis 0
+                gates.update(
+                    {f"gate/{block}/{kind}": jnp.mean(jnp.tanh(value[block])) for block in range(value.shape[0])}
+                )
     return gates
 
 

@@ -1,0 +1,138 @@
+"""IDEFICS: the directory transformers' ``IdeficsForVisionText2Text.save_pretrained`` writes,
+imported into our Flamingo; same random weights on both sides (gates, norms and the two extra
+embedding rows included), logits within 1e-4 on an interleaved prompt with two images and the
+same greedy tokens, for both gate shapes and with and without the query/key norms."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="needs the [reference] extra (torch, transformers)")
+transformers = pytest.importorskip("transformers")
+
+from flax import nnx  # noqa: E402
+
+from flamingo_jax.evaluation.generate import GenerateConfig, generate  # noqa: E402
+from flamingo_jax.importers import idefics  # noqa: E402
+from flamingo_jax.importers.pretrained import assign  # noqa: E402
+from flamingo_jax.models.flamingo import Flamingo  # noqa: E402
+from flamingo_jax.models.layers import CountingRngs  # noqa: E402
+
+pytestmark = pytest.mark.reference
+
+VOCAB, IMAGE = 96, 16
+FAKE, MEDIA = VOCAB, VOCAB + 1  # IDEFICS's <fake_token_around_image> and <image> ids
+
+
+def _reference(alpha_type: str, qk_norms: bool):
+    config = transformers.IdeficsConfig(
+        vocab_size=VOCAB,
+        additional_vocab_size=2,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        cross_layer_interval=2,
+        qk_layer_norms=qk_norms,
+        alpha_type=alpha_type,
+        use_resampler=True,
+        max_position_embeddings=64,
+        vision_config=dict(
+            embed_dim=32,
+            image_size=IMAGE,
+            patch_size=8,
+            intermediate_size=80,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            hidden_act="gelu",
+        ),
+        perceiver_config=dict(
+            use_resampler=True,
+            resampler_n_latents=6,
+            resampler_depth=2,
+            resampler_n_heads=4,
+            resampler_head_dim=8,
+            qk_layer_norms_perceiver=qk_norms,
+        ),
+    )
+    config._attn_implementation = "eager"
+    model = transformers.IdeficsForVisionText2Text(config).float().eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            noise = torch.randn(parameter.shape, generator=generator)
+            if "norm" in name and name.endswith("weight"):
+                parameter.copy_(1.0 + 0.2 * noise)
+            elif name.endswith("bias"):
+                parameter.copy_(0.1 * noise)
+            elif "alpha" in name:
+                parameter.copy_(0.5 * noise)
+            else:
+                parameter.copy_(0.08 * noise)
+    return model
+
+
+def _image_attention_mask(tokens: np.ndarray, num_images: int) -> np.ndarray:
+    """As IDEFICS's processor builds it: each token attends to the last image before it."""
+    last = np.cumsum(tokens == MEDIA, axis=1) - 1
+    return (last[:, :, None] == np.arange(num_images)).astype(np.int64)
+
+
+@pytest.mark.parametrize("alpha_type, qk_norms", [("float", False), ("vector", True)])
+def test_idefics_matches_transformers(tmp_path, alpha_type, qk_norms):
+    reference = _reference(alpha_type, qk_norms)
+    reference.save_pretrained(tmp_path)
+    config, params = idefics.load_idefics(str(tmp_path))
+    assert config.xattn_layer_indices == (0, 2)
+    with nnx.use_eager_sharding(False):
+        model = Flamingo(config, rngs=CountingRngs(0))
+    assign(model, params)
+
+    # <fake><image><fake> w5 w9 w3 <fake><image><fake> w7 w2: IDEFICS's prompt layout, two images.
+    prompt = np.array(
+        [
+            [FAKE, MEDIA, FAKE, 5, 9, 3, FAKE, MEDIA, FAKE, 7, 2],
+            [1, FAKE, MEDIA, FAKE, 11, 4, FAKE, MEDIA, FAKE, 8, 6],  # token 0 sees no image
+        ]
+    )
+    pixels = np.random.default_rng(1).normal(size=(2, 2, 3, IMAGE, IMAGE)).astype(np.float32)
+    ours_of = {MEDIA: config.media_token_id, FAKE: config.endofchunk_token_id}
+    to_ours = np.vectorize(lambda t: ours_of.get(int(t), int(t)))
+    tokens = to_ours(prompt).astype(np.int32)
+    image_index = (np.cumsum(tokens == config.media_token_id, axis=1) - 1).astype(np.int32)
+    images = pixels.transpose(0, 1, 3, 4, 2)[:, :, None]  # [B, N, F=1, H, W, C]
+
+    def theirs(ids):
+        with torch.no_grad():
+            return reference(
+                input_ids=torch.tensor(ids),
+                pixel_values=torch.tensor(pixels),
+                image_attention_mask=torch.tensor(_image_attention_mask(ids, 2)),
+            ).logits.numpy()
+
+    expected = theirs(prompt)[..., [*range(VOCAB), MEDIA, FAKE]]  # ours: base, <image>, second row
+    logits, _ = model(tokens, image_index, np.ones((2, 2), bool), images)
+    assert np.abs(np.asarray(logits) - expected).max() <= 1e-4
+
+    steps, continued = 5, prompt
+    for _ in range(steps):  # greedy, a full pass per step
+        continued = np.concatenate([continued, theirs(continued)[:, -1].argmax(-1)[:, None]], axis=1)
+    generated = generate(
+        model, tokens, image_index, np.ones((2, 2), bool), images, config=GenerateConfig(steps, stop_tokens=(-1,))
+    )
+    np.testing.assert_array_equal(generated.tokens, to_ours(continued[:, prompt.shape[1] :]))
+
+
+def test_idefics_config_errors_name_the_setting(tmp_path):
+    reference = _reference("float", False)
+    hf = reference.config.to_dict()
+    with pytest.raises(ValueError, match="use_resampler=False"):
+        idefics.idefics_config_from_hf({**hf, "use_resampler": False, "perceiver_config": {}})
+    with pytest.raises(ValueError, match="additional_vocab_size=3"):
+        idefics.idefics_config_from_hf({**hf, "additional_vocab_size": 3})
+    config = idefics.idefics_config_from_hf(hf)
+    state = {k: v.detach().numpy() for k, v in reference.state_dict().items()}
+    del state["model.gated_cross_attn_layers.1.alpha_dense"]
+    with pytest.raises(KeyError, match="alpha_dense"):
+        idefics.idefics_params(state, config)
