@@ -121,6 +121,20 @@ def operative_config(gin_files: Sequence[str], bindings: Sequence[str]) -> str:
     return "\n".join(header) + "\n\n" + gin.operative_config_str()
 
 
+def model_gin(config: FlamingoConfig, header: str = "") -> str:
+    """Gin text that rebuilds ``config``: every field of its LM, vision, resampler and xattn
+    configs (what ``tools.convert`` writes beside weights whose config came from their files)."""
+    lines = [f"# {line}" if line else "#" for line in header.splitlines()]
+    parts = {"lm": config.lm, "vision": config.vision, "resampler": config.resampler, "xattn": config.xattn}
+    lines += [f"FlamingoConfig.{name} = @{type(part).__name__}()" for name, part in parts.items()]
+    for name in ("trainable", "trainable_param_dtype"):
+        lines.append(f"FlamingoConfig.{name} = {getattr(config, name)!r}")
+    for part in parts.values():
+        lines.append("")
+        lines += [f"{type(part).__name__}.{f.name} = {getattr(part, f.name)!r}" for f in dataclasses.fields(part)]
+    return "\n".join(lines) + "\n"
+
+
 def load_model_config(gin_file: str, bindings: Sequence[str] = ()) -> FlamingoConfig:
     """Parses one model gin file (e.g. ``models/flamingo_3b.gin``) into a FlamingoConfig."""
     parse_gin([gin_file], bindings, finalize=False)

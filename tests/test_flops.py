@@ -18,14 +18,19 @@ from flamingo_jax.train.loop import build_training, global_batches
 def _matmul_heavy_config(placement, family="llama"):
     config = smoke_config()
     # GPT-NeoX: two MLP matrices instead of SwiGLU's three, biases, no grouped-query attention.
-    family_bindings = {"llama": [], "gpt_neox": ["LlamaConfig.family = 'gpt_neox'", "LlamaConfig.mlp_bias = True"]}
+    family_bindings = {
+        "llama": [],
+        "gpt_neox": ["LlamaConfig.family = 'gpt_neox'", "LlamaConfig.mlp_bias = True"],
+        # IDEFICS's blocks: a SwiGLU feed-forward of the LM's hidden width (three matrices).
+        "idefics": ["XAttnConfig.ffw = 'swiglu'", "XAttnConfig.ffw_dim = 768", "XAttnConfig.norm = 'rms'"],
+    }
     model = configs.load_model_config(
         "models/tiny.gin",
         [
             "LlamaConfig.width = 256",
             "LlamaConfig.mlp_dim = 768",
             "LlamaConfig.num_heads = 8",
-            f"LlamaConfig.num_kv_heads = {4 if family == 'llama' else 8}",
+            f"LlamaConfig.num_kv_heads = {8 if family == 'gpt_neox' else 4}",
             "LlamaConfig.vocab_size = 1024",
             "ViTConfig.width = 128",
             "ViTConfig.mlp_dim = 512",
@@ -41,7 +46,9 @@ def _matmul_heavy_config(placement, family="llama"):
     return dataclasses.replace(config, model=model, datasets=(dataset,), mesh=sharding.MeshConfig(data=1))
 
 
-@pytest.mark.parametrize("placement, family", [("paper", "llama"), ("openflamingo", "llama"), ("paper", "gpt_neox")])
+@pytest.mark.parametrize(
+    "placement, family", [("paper", "llama"), ("openflamingo", "llama"), ("paper", "gpt_neox"), ("paper", "idefics")]
+)
 def test_analytic_flops_match_xla(placement, family):
     config = _matmul_heavy_config(placement, family)
     mesh = sharding.create_mesh(config.mesh, jax.devices()[:1])

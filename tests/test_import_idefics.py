@@ -5,6 +5,9 @@ same greedy tokens, for both gate shapes and with and without the query/key norm
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -13,9 +16,10 @@ transformers = pytest.importorskip("transformers")
 
 from flax import nnx  # noqa: E402
 
+from flamingo_jax import configs  # noqa: E402
 from flamingo_jax.evaluation.generate import GenerateConfig, generate  # noqa: E402
 from flamingo_jax.importers import idefics  # noqa: E402
-from flamingo_jax.importers.pretrained import assign  # noqa: E402
+from flamingo_jax.importers.pretrained import assign, flamingo_from_pretrained  # noqa: E402
 from flamingo_jax.models.flamingo import Flamingo  # noqa: E402
 from flamingo_jax.models.layers import CountingRngs  # noqa: E402
 
@@ -136,3 +140,32 @@ def test_idefics_config_errors_name_the_setting(tmp_path):
     del state["model.gated_cross_attn_layers.1.alpha_dense"]
     with pytest.raises(KeyError, match="alpha_dense"):
         idefics.idefics_params(state, config)
+
+
+def test_convert_writes_the_weights_and_the_model_gin(tmp_path):
+    """``tools.convert --idefics=DIR`` needs no gin file: it writes the weights and model.gin,
+    which rebuild the same model (its logits those of transformers' IDEFICS)."""
+    reference = _reference("vector", True)
+    reference.save_pretrained(tmp_path / "idefics")
+    output = tmp_path / "converted"
+    command = [sys.executable, "-m", "flamingo_jax.tools.convert", f"--idefics={tmp_path / 'idefics'}"]
+    result = subprocess.run(command + [f"--output={output}"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = configs.load_model_config(str(output / "model.gin"))
+    assert config == idefics.idefics_config_from_hf(reference.config.to_dict())
+    model = flamingo_from_pretrained(config, params=str(output))
+    prompt = np.array([[FAKE, MEDIA, FAKE, 5, 9, 3, 7]])
+    pixels = np.random.default_rng(2).normal(size=(1, 1, 3, IMAGE, IMAGE)).astype(np.float32)
+    with torch.no_grad():
+        expected = reference(
+            input_ids=torch.tensor(prompt),
+            pixel_values=torch.tensor(pixels),
+            image_attention_mask=torch.tensor(_image_attention_mask(prompt, 1)),
+        ).logits.numpy()[..., [*range(VOCAB), MEDIA, FAKE]]
+    tokens = np.where(
+        prompt == MEDIA, config.media_token_id, np.where(prompt == FAKE, config.endofchunk_token_id, prompt)
+    )
+    image_index = (np.cumsum(tokens == config.media_token_id, axis=1) - 1).astype(np.int32)
+    images = pixels.transpose(0, 1, 3, 4, 2)[:, :, None]
+    logits, _ = model(tokens.astype(np.int32), image_index, np.ones((1, 1), bool), images)
+    assert np.abs(np.asarray(logits) - expected).max() <= 1e-4

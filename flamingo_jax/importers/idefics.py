@@ -26,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from flamingo_jax.importers import clip, llama
+from flamingo_jax.importers.pretrained import check_params
 from flamingo_jax.models.flamingo import FlamingoConfig
 from flamingo_jax.models.resampler import ResamplerConfig
 from flamingo_jax.models.vit import ViTConfig
@@ -155,6 +156,8 @@ def load_idefics(directory: str) -> tuple[FlamingoConfig, dict[str, np.ndarray]]
     """config.json and the safetensors of an IDEFICS directory -> (our config, our parameters)."""
     config = idefics_config_from_hf(llama.read_hf_config(directory))
     try:
-        return config, idefics_params(llama.read_hf_tensors(directory), config)
+        params = idefics_params(llama.read_hf_tensors(directory), config)
     except KeyError as error:
         raise ValueError(f"{directory}: no tensor {error} in the IDEFICS checkpoint") from None
+    check_params(params, config)
+    return config, params

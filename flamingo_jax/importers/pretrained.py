@@ -115,6 +115,13 @@ def pretrained_params(
             "nothing to convert: give lm, vision_hf, vision_open_clip, vision_efficientnet, openflamingo or params"
         )
     params = scan.to_layout(params, config)
+    check_params(params, config)
+    return params
+
+
+def check_params(params: dict[str, np.ndarray], config) -> None:
+    """Raises naming the first converted weight the configured model has no parameter for, or
+    whose shape differs from the model's."""
     abstract = {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(abstract_model(config)))}
     for key, value in params.items():
         if key not in abstract:
@@ -123,7 +130,6 @@ def pretrained_params(
             raise ValueError(
                 f"converted weight {key!r} has shape {value.shape}, the model expects {abstract[key].shape}"
             )
-    return params
 
 
 def _keep_vocab_rows(lm_params: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:

@@ -10,6 +10,12 @@ directory or a ``.gguf`` file; ``--vision_hf`` a ``CLIPVisionModel`` directory (
 this project (one written by this tool, or a run's), rewritten in the layout the model config
 builds: per layer, or stacked with ``LlamaConfig.scan_layers=True``. Every converted array is
 checked against the model config's parameter shapes before anything is written.
+
+``--idefics=DIR`` converts a whole IDEFICS model (the directory transformers' ``save_pretrained``
+writes) and needs no gin file: the model config comes from its ``config.json`` and is written
+beside the weights as ``OUTPUT/model.gin``, the ``--gin_file`` to evaluate it with:
+
+  python -m flamingo_jax.tools.convert --idefics=/weights/idefics-9b --output=/weights/idefics9b
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ _VISION_HF = flags.DEFINE_string("vision_hf", None, "Hugging Face CLIPVisionMode
 _VISION_OPEN_CLIP = flags.DEFINE_string("vision_open_clip", None, "open_clip state dict file.")
 _VISION_EFFICIENTNET = flags.DEFINE_string("vision_efficientnet", None, "efficientnet_pytorch-layout .pth file.")
 _OPENFLAMINGO = flags.DEFINE_string("openflamingo", None, "OpenFlamingo checkpoint.pt.")
+_IDEFICS = flags.DEFINE_string("idefics", None, "An IDEFICS directory (config.json and safetensors).")
 _PARAMS = flags.DEFINE_string("params", None, "A parameter checkpoint of this project, in either layer layout.")
 _MEDIA_INDEX = flags.DEFINE_integer("openflamingo_media_token", None, "<image> id in the OpenFlamingo tokenizer.")
 _EOC_INDEX = flags.DEFINE_integer("openflamingo_endofchunk_token", None, "<|endofchunk|> id there.")
@@ -47,8 +54,13 @@ _OUTPUT = flags.DEFINE_string("output", None, "Directory to write the parameter 
 def main(argv) -> None:
     del argv
     absl_logging.set_verbosity(absl_logging.WARNING)
-    if not _GIN_FILE.value or not _OUTPUT.value:
-        sys.exit("flamingo_jax.tools.convert: --gin_file and --output are required")
+    if not _OUTPUT.value:
+        sys.exit("flamingo_jax.tools.convert: --output is required")
+    if _IDEFICS.value:
+        convert_idefics(_IDEFICS.value, _OUTPUT.value)
+        return
+    if not _GIN_FILE.value:
+        sys.exit("flamingo_jax.tools.convert: --gin_file is required (or --idefics=DIR)")
     configs.parse_gin(_GIN_FILE.value, _GIN_BINDINGS.value, finalize=False)
     config = configs.flamingo_config()
     tokens = {}
@@ -74,6 +86,21 @@ def main(argv) -> None:
         sys.exit(f"flamingo_jax.tools.convert: {error}")
     save_params(_OUTPUT.value, params)
     print(f"wrote {len(params)} arrays ({sum(v.size for v in params.values()):,} parameters) to {_OUTPUT.value}")
+
+
+def convert_idefics(directory: str, output: str) -> None:
+    """An IDEFICS directory -> our parameters and OUTPUT/model.gin."""
+    from flamingo_jax import storage
+    from flamingo_jax.importers import idefics
+
+    try:
+        config, params = idefics.load_idefics(directory)
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"flamingo_jax.tools.convert: {error}")
+    save_params(output, params)
+    header = f"IDEFICS from {directory} (flamingo_jax.tools.convert --idefics); its config.json, as our model config."
+    storage.write_text(storage.path(output) / "model.gin", configs.model_gin(config, header))
+    print(f"wrote {len(params)} arrays ({sum(v.size for v in params.values()):,} parameters) and model.gin to {output}")
 
 
 if __name__ == "__main__":
