@@ -127,7 +127,7 @@ def model_gin(config: FlamingoConfig, header: str = "") -> str:
     lines = [f"# {line}" if line else "#" for line in header.splitlines()]
     parts = {"lm": config.lm, "vision": config.vision, "resampler": config.resampler, "xattn": config.xattn}
     lines += [f"FlamingoConfig.{name} = @{type(part).__name__}()" for name, part in parts.items()]
-    for name in ("trainable", "trainable_param_dtype"):
+    for name in ("trainable", "trainable_param_dtype", "new_tokens"):
         lines.append(f"FlamingoConfig.{name} = {getattr(config, name)!r}")
     for part in parts.values():
         lines.append("")

@@ -8,6 +8,7 @@ and the byte-level BPE stored in GGUF metadata.
 
 from __future__ import annotations
 
+import copy
 import re
 
 import numpy as np
@@ -46,8 +47,21 @@ class Tokenizer:
         self.pad_id = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
         self.media_token_id = base_vocab_size
         self.endofchunk_token_id = base_vocab_size + 1
-        self._specials = dict(zip(NEW_TOKENS, (self.media_token_id, self.endofchunk_token_id), strict=True))
-        self._special_pattern = re.compile("(" + "|".join(re.escape(t) for t in NEW_TOKENS) + ")")
+        self._name_new_tokens(NEW_TOKENS)
+
+    def _name_new_tokens(self, names) -> None:
+        self.new_tokens = tuple(names)
+        self._specials = dict(zip(self.new_tokens, (self.media_token_id, self.endofchunk_token_id), strict=True))
+        self._special_pattern = re.compile("(" + "|".join(re.escape(t) for t in self.new_tokens) + ")")
+
+    def with_new_tokens(self, names: tuple[str, str]) -> Tokenizer:
+        """This tokenizer with ``names`` as the texts of the two new tokens (``FlamingoConfig.new_tokens``:
+        IDEFICS's second row is ``<fake_token_around_image>``, not ``<|endofchunk|>``)."""
+        if tuple(names) == self.new_tokens:
+            return self
+        renamed = copy.copy(self)
+        renamed._name_new_tokens(names)
+        return renamed
 
     @property
     def vocab_size(self) -> int:
@@ -69,7 +83,8 @@ class Tokenizer:
         return next((ids[:position] for position, token in enumerate(ids) if token in ends), ids)
 
     def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        """Ids of ``text``; the literal strings ``<image>`` / ``<|endofchunk|>`` become their tokens."""
+        """Ids of ``text``; the literal strings of the two new tokens (``<image>`` /
+        ``<|endofchunk|>`` unless renamed) become their tokens."""
         ids = [self.bos_id] if add_bos and self.bos_id is not None else []
         for piece in self._special_pattern.split(text):
             if piece in self._specials:
@@ -213,10 +228,15 @@ class Tokenizer:
         )
 
 
-def load_tokenizer(spec: str) -> Tokenizer:
+def load_tokenizer(spec: str, new_tokens: tuple[str, str] = NEW_TOKENS) -> Tokenizer:
     """``'bytes'``, ``'gguf:PATH'``, ``'sentencepiece:PATH'`` or ``'hf_json:PATH'``; PATH may be a
     name registered in ``importers.weights.WEIGHTS`` (e.g. a GGUF whose metadata holds the
-    tokenizer), and a registered GGUF name alone means ``'gguf:NAME'``."""
+    tokenizer), and a registered GGUF name alone means ``'gguf:NAME'``. ``new_tokens``: the
+    texts of the two tokens after the base vocabulary (the model's ``FlamingoConfig.new_tokens``)."""
+    return _load_tokenizer(spec).with_new_tokens(new_tokens)
+
+
+def _load_tokenizer(spec: str) -> Tokenizer:
     if spec == "bytes":
         return Tokenizer.from_bytes()
     kind, _, path = spec.partition(":")

@@ -113,6 +113,19 @@ def jit_forward(model):
     return lambda *args: forward(*args)[0]
 
 
+def word_level_tokenizer(directory, size: int, **specials) -> str:
+    """A tokenizer of the words w0 .. w{size - 1} saved as transformers saves one (w0 unknown,
+    w1 end of sequence); returns its tokenizer.json path."""
+    import tokenizers
+    import transformers
+
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel({f"w{i}": i for i in range(size)}, unk_token="w0"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="w1", unk_token="w0")
+    tokenizer.save_pretrained(directory)
+    return os.path.join(directory, "tokenizer.json")
+
+
 def encoded_image(colour, mode="RGB", fmt="JPEG", size=(24, 20)):
     buffer = io.BytesIO()
     Image.new(mode, size, colour).save(buffer, format=fmt)

@@ -80,7 +80,8 @@ RUN_FILES = sorted(
     os.path.relpath(path, configs.EXPERIMENTS_DIR)
     for path in glob.glob(os.path.join(configs.EXPERIMENTS_DIR, "runs", "*.gin"))
     # Partial files added to a run: evaluation settings and the shared paper recipe.
-    if os.path.basename(path) not in ("eval_benchmarks.gin", "openflamingo_eval.gin", "flamingo_recipe.gin")
+    if os.path.basename(path)
+    not in ("eval_benchmarks.gin", "openflamingo_eval.gin", "idefics_eval.gin", "flamingo_recipe.gin")
 ) + ["flamingo_jax/demo/demo_cpu.gin", "flamingo_jax/demo/contrastive_fashion.gin"]
 
 

@@ -5,6 +5,7 @@ same greedy tokens, for both gate shapes and with and without the query/key norm
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -17,11 +18,15 @@ transformers = pytest.importorskip("transformers")
 from flax import nnx  # noqa: E402
 
 from flamingo_jax import configs  # noqa: E402
+from flamingo_jax.evaluation import fewshot  # noqa: E402
 from flamingo_jax.evaluation.generate import GenerateConfig, generate  # noqa: E402
 from flamingo_jax.importers import idefics  # noqa: E402
 from flamingo_jax.importers.pretrained import assign, flamingo_from_pretrained  # noqa: E402
 from flamingo_jax.models.flamingo import Flamingo  # noqa: E402
 from flamingo_jax.models.layers import CountingRngs  # noqa: E402
+from flamingo_jax.tokenizer import Tokenizer  # noqa: E402
+
+from conftest import word_level_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.reference
 
@@ -169,3 +174,73 @@ def test_convert_writes_the_weights_and_the_model_gin(tmp_path):
     images = pixels.transpose(0, 1, 3, 4, 2)[:, :, None]
     logits, _ = model(tokens.astype(np.int32), image_index, np.ones((1, 1), bool), images)
     assert np.abs(np.asarray(logits) - expected).max() <= 1e-4
+
+
+def test_idefics_protocol_prompt_and_tokens(benchmark_files):
+    """runs/idefics_eval.gin: each image as <fake><image><fake> (our two new tokens), IDEFICS's
+    caption prompt, demonstrations ended by a newline."""
+    paths = [
+        f"{macro}='{benchmark_files[key]}'"
+        for macro, key in (("COCO_JSON", "coco_json"), ("COCO_IMAGES", "coco_images"))
+    ]
+    configs.parse_gin(["runs/smoke_cpu.gin", "runs/idefics_eval.gin"], [*paths, "EvalConfig.tasks=['coco']"])
+    eval_config = configs.eval_config()
+    task = fewshot.make_task("coco", eval_config)
+    rng = np.random.default_rng(0)
+    prompt = fewshot.build_prompt(
+        task,
+        task.pool[:1],
+        task.queries[0],
+        text_only=False,
+        rng=rng,
+        image_text=eval_config.image_text,
+        chunk_end=eval_config.chunk_end,
+    )
+    image = "<fake_token_around_image><image><fake_token_around_image>"
+    assert prompt.startswith(image + "Caption: ") and prompt.endswith("\n" + image + "Caption:")
+    tokenizer = Tokenizer.from_bytes().with_new_tokens(idefics.NEW_TOKENS)
+    ids = tokenizer.encode(prompt)
+    media, fake = tokenizer.media_token_id, tokenizer.endofchunk_token_id
+    assert ids[:3] == [fake, media, fake] and ids.count(media) == 2 and ids.count(fake) == 4
+    assert tokenizer.decode(ids) == prompt and Tokenizer.from_bytes().encode("<fake_token_around_image>")[0] != fake
+
+
+@pytest.mark.slow
+def test_converted_idefics_evaluates_with_its_protocol(tmp_path, benchmark_files):
+    reference = _reference("float", False)
+    reference.save_pretrained(tmp_path / "idefics")
+    converted = tmp_path / "converted"
+    run = lambda *args: subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True)
+    result = run("flamingo_jax.tools.convert", f"--idefics={tmp_path / 'idefics'}", f"--output={converted}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    tokenizer = word_level_tokenizer(tmp_path / "tokenizer", VOCAB)
+    files = benchmark_files
+    paths = {
+        "CONVERTED": converted,
+        "TOKENIZER": f"hf_json:{tokenizer}",
+        "COCO_JSON": files["coco_json"],
+        "COCO_IMAGES": files["coco_images"],
+        "VQAV2_QUESTIONS": files["vqav2_questions"],
+        "VQAV2_ANNOTATIONS": files["vqav2_annotations"],
+        "VQAV2_IMAGES": files["vqav2_images"],
+    }
+    small = ["EvalConfig.shots=[0,2]", "EvalConfig.pool_size=0", "EVAL_QUERIES=3", "EvalConfig.batch_size=3"]
+    workdir = tmp_path / "eval"
+    result = run(
+        "flamingo_jax.main",
+        "--mode=eval",
+        f"--gin_file={converted / 'model.gin'}",
+        "--gin_file=runs/idefics_eval.gin",
+        *[f"--gin_bindings={key}='{value}'" for key, value in paths.items()],
+        "--gin_bindings=EvalConfig.tasks=['coco','vqav2']",
+        *[f"--gin_bindings={b}" for b in small],
+        f"--workdir={workdir}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for task, metric, new_tokens in (("coco", "CIDEr", 20), ("vqav2", "accuracy", 5)):
+        with open(workdir / "eval" / f"{task}_0.json") as f:
+            record = json.load(f)
+        assert record["config"]["max_new_tokens"] == new_tokens
+        assert record["config"]["image_text"] == "<fake_token_around_image><image><fake_token_around_image>"
+        for values in record["results"].values():
+            assert values["metric"] == metric and np.isfinite(values[metric])

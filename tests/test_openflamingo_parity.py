@@ -31,6 +31,8 @@ from flamingo_jax.importers.pretrained import assign, flamingo_from_pretrained  
 from flamingo_jax.models.layers import CountingRngs  # noqa: E402
 from flamingo_jax.models.vit import ViT, ViTConfig  # noqa: E402
 
+from conftest import word_level_tokenizer  # noqa: E402
+
 pytestmark = pytest.mark.reference
 
 BASE_VOCAB = 128  # the tokenizer's own tokens; OpenFlamingo adds <|endofchunk|>, <image>, <PAD>
@@ -99,16 +101,6 @@ def test_open_clip_vision_transformer_parity(final_ln_after_pool):
             assert np.abs(actual - tokens.numpy()).max() <= 1e-4
         else:
             assert np.abs(actual[:, 0] @ state["proj"] - pooled.numpy()).max() <= 1e-4
-
-
-def _tokenizer(directory):
-    """A word-level tokenizer of BASE_VOCAB words, saved as transformers saves one."""
-    tokenizers = pytest.importorskip("tokenizers")
-    vocab = {f"w{i}": i for i in range(BASE_VOCAB)}
-    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w0"))
-    backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="w1", unk_token="w0")
-    tokenizer.save_pretrained(directory)
 
 
 def _language_model(family, directory):
@@ -194,7 +186,7 @@ def _release(family, root):
     gin_file, overrides, every, layers_prefix, (embed_key, head_key) = FAMILIES[family]
     lm_dir, tokenizer_dir = root / "lm", root / "tokenizer"
     _language_model(family, lm_dir)
-    _tokenizer(tokenizer_dir)
+    word_level_tokenizer(tokenizer_dir, BASE_VOCAB)
     visual = _open_clip_vit(final_ln_after_pool=True)  # tokens without ln_post, as OpenFlamingo v2's
     torch.save(visual.state_dict(), root / "visual.pt")
 
@@ -278,6 +270,7 @@ def test_whole_model_matches_openflamingo(release, family):
         assert length == steps or theirs[row, length - 1] == eoc
 
 
+@pytest.mark.slow
 def test_converted_checkpoint_evaluates_with_the_openflamingo_protocol(release, benchmark_files, tmp_path):
     """``tools.convert`` on the released files, then ``--mode=eval`` of the converted weights on
     COCO / VQAv2 / HatefulMemes files in their published layouts, with runs/openflamingo_eval.gin

@@ -24,7 +24,7 @@ from flamingo_jax.evaluation import metrics
 from flamingo_jax.evaluation.episodic import EpisodeEvaluator, EpisodeTask
 from flamingo_jax.evaluation.generate import GenerateConfig, batch_prompts, generate
 from flamingo_jax.evaluation.ranking import Rices, class_log_likelihoods, vision_features
-from flamingo_jax.evaluation.tasks import TASKS, Example, Task
+from flamingo_jax.evaluation.tasks import TASKS, Example, Task, Templates
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,10 @@ class EvalConfig:
     tasks ``init_tasks`` and the shot counts ``init_shots`` when those are set (None: all).
     ``prompt_length_multiple``: prompts are left-padded to a multiple of this many tokens, so
     that a (task, shots) pair compiles few shapes without padding short prompts far.
+    ``image_text`` is what an image reads as in a prompt and ``chunk_end`` what ends a
+    demonstration (IDEFICS: ``<fake_token_around_image><image><fake_token_around_image>`` and
+    a newline). ``task_options[task]['templates']`` ({'demo', 'query', 'text_only_demo'}) sets a
+    task's prompt templates (``tasks.Templates``).
     """
 
     tasks: tuple[str, ...] = ()
@@ -64,6 +68,8 @@ class EvalConfig:
     init_tasks: tuple[str, ...] | None = None
     init_shots: tuple[int, ...] | None = None
     prompt_length_multiple: int = 16
+    image_text: str = "<image>"
+    chunk_end: str = "<|endofchunk|>"
 
     def __post_init__(self):
         if self.selection not in SELECTIONS:
@@ -138,7 +144,7 @@ def make_task(name: str, config: EvalConfig) -> Task:
     parameters = inspect.signature(factory).parameters
     offered = {key: value for key, value in config.options_for(name).items() if value is not None}
     # num_queries, pool_size and shots are the protocol's own options (it slices the task by them).
-    protocol = {"num_queries", "pool_size", "shots", *DECODING_OPTIONS}
+    protocol = {"num_queries", "pool_size", "shots", "templates", *DECODING_OPTIONS}
     unknown = set((config.task_options or {}).get(name, {})) - set(parameters) - protocol
     if unknown and not any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
         raise ValueError(f"EvalConfig.task_options[{name!r}]: {sorted(unknown)} are not options of the task")
@@ -149,7 +155,14 @@ def make_task(name: str, config: EvalConfig) -> Task:
     ]
     if missing:
         raise ValueError(f"task {name!r} needs EvalConfig.task_options[{name!r}] to set {missing}")
-    return factory(**{key: value for key, value in offered.items() if key in parameters})
+    task = factory(**{key: value for key, value in offered.items() if key in parameters})
+    templates = (config.task_options or {}).get(name, {}).get("templates")
+    if templates is not None:
+        unknown = set(templates) - {f.name for f in dataclasses.fields(Templates)}
+        if unknown:
+            raise ValueError(f"EvalConfig.task_options[{name!r}]['templates']: unknown {sorted(unknown)}")
+        task.templates = dataclasses.replace(task.templates, **templates)
+    return task
 
 
 def build_tasks(eval_config: EvalConfig) -> dict[str, Task]:
@@ -176,17 +189,27 @@ class _ImageCache:
         return self._images[example.id]
 
 
-def build_prompt(task: Task, demos: list[Example], query: Example, *, text_only: bool, rng) -> str:
-    """The interleaved text of one query (``<image>`` marks each image's place)."""
+def build_prompt(
+    task: Task,
+    demos: list[Example],
+    query: Example,
+    *,
+    text_only: bool,
+    rng,
+    image_text: str = "<image>",
+    chunk_end: str = "<|endofchunk|>",
+) -> str:
+    """The interleaved text of one query (``image_text`` marks each image's place, ``chunk_end``
+    ends each demonstration)."""
     templates = task.templates
     parts = []
     for demo in demos:
         fields = dict(question=demo.question, text=demo.text, answer=task.demo_answer(demo, rng))
         if text_only:
-            parts.append(templates.text_only_demo.format(**fields) + "<|endofchunk|>")
+            parts.append(templates.text_only_demo.format(**fields) + chunk_end)
         else:
-            parts.append("<image>" + templates.demo.format(**fields) + "<|endofchunk|>")
-    parts.append("<image>" + templates.query.format(question=query.question, text=query.text, answer=""))
+            parts.append(image_text + templates.demo.format(**fields) + chunk_end)
+    parts.append(image_text + templates.query.format(question=query.question, text=query.text, answer=""))
     return "".join(parts)
 
 
@@ -275,7 +298,15 @@ class FewShotEvaluator:
                 text_only = shots == 0
                 chosen = chooser.choose(start + offset, query, 2 if text_only else shots, rng)
                 demos = [self.pool_task.pool[i] for i in chosen]
-                prompt = build_prompt(task, demos, query, text_only=text_only, rng=rng)
+                prompt = build_prompt(
+                    task,
+                    demos,
+                    query,
+                    text_only=text_only,
+                    rng=rng,
+                    image_text=config.image_text,
+                    chunk_end=config.chunk_end,
+                )
                 prompts.append(tokenizer.encode(prompt))
                 batch_images.append(([] if text_only else [images(d) for d in demos]) + [images(query)])
             tokens, mask, index, media, image_mask = batch_prompts(

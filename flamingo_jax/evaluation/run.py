@@ -39,7 +39,7 @@ def evaluate_steps(
     """Runs the evaluation for each of ``steps`` (None: latest; 0: initialisation) on one model
     build (``trained``: see :func:`load_models`); returns [{task: path of its JSON}] in the order
     of ``steps``. ``tasks_to_run``: the tasks already built (default: built here, once)."""
-    tokenizer = load_tokenizer(run_config.tokenizer)
+    tokenizer = load_tokenizer(run_config.tokenizer, run_config.model.new_tokens)
     if tokenizer.base_vocab_size != run_config.model.lm.vocab_size:
         raise ValueError(
             f"RunConfig.tokenizer={run_config.tokenizer!r} has {tokenizer.base_vocab_size} base tokens but "

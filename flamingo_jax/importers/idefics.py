@@ -35,6 +35,9 @@ from flamingo_jax.models.xattn import XAttnConfig
 # Rows of the additional embedding in IDEFICS's tokenizer (HuggingFaceM4/idefics-9b's
 # added tokens: <fake_token_around_image> 32000, <image> 32001, the first beyond the vocabulary).
 FAKE_TOKEN_ROW, IMAGE_TOKEN_ROW = 0, 1
+# Our two new tokens' texts for IDEFICS (FlamingoConfig.new_tokens): <image>, then the token its
+# prompts place around each image.
+NEW_TOKENS = ("<image>", "<fake_token_around_image>")
 
 
 def idefics_config_from_hf(config: dict) -> FlamingoConfig:
@@ -87,7 +90,7 @@ def idefics_config_from_hf(config: dict) -> FlamingoConfig:
         qk_norm=bool(config.get("qk_layer_norms", False)),
         gate_shape={"float": "scalar", "vector": "vector"}[config.get("alpha_type", "float")],
     )
-    return FlamingoConfig(lm=lm, vision=vision_config, resampler=resampler, xattn=xattn)
+    return FlamingoConfig(lm=lm, vision=vision_config, resampler=resampler, xattn=xattn, new_tokens=NEW_TOKENS)
 
 
 def _linear(params, ours, weight):

@@ -32,6 +32,8 @@ class FlamingoConfig:
     ``trainable`` lists the top-level groups that train (default: resampler, xattn blocks and the
     new-token rows, as in the paper); adding 'lm' or 'vision' unfreezes those for ablations.
     ``trainable_param_dtype`` is the storage dtype of the trainable groups (fp32 by default).
+    ``new_tokens``: the texts of those two tokens in prompts and documents (IDEFICS's second is
+    ``<fake_token_around_image>``, placed around each image).
     """
 
     lm: LlamaConfig = LlamaConfig()
@@ -40,8 +42,11 @@ class FlamingoConfig:
     xattn: XAttnConfig = XAttnConfig()
     trainable: tuple[str, ...] = TRAINABLE_GROUPS
     trainable_param_dtype: str = "float32"
+    new_tokens: tuple[str, str] = NEW_TOKENS
 
     def __post_init__(self):
+        if len(self.new_tokens) != len(NEW_TOKENS) or len(set(self.new_tokens)) != len(NEW_TOKENS):
+            raise ValueError(f"FlamingoConfig.new_tokens must be two distinct strings, got {self.new_tokens!r}")
         unknown = set(self.trainable) - set(TRAINABLE_GROUPS) - {"lm", "vision"}
         if unknown:
             raise ValueError(

@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from flamingo_jax import checkpointing, flops, sharding, storage
-from flamingo_jax.batch import Batch
+from flamingo_jax.batch import NEW_TOKENS, Batch
 from flamingo_jax.data import mixture
 from flamingo_jax.data.images import image_config_for
 from flamingo_jax.importers.pretrained import pretrained_params
@@ -173,7 +173,7 @@ def open_mixture(config: RunConfig):
     )
     tokenizer = None
     if any(d.source != "synthetic" for d in config.datasets):
-        tokenizer = load_tokenizer(config.tokenizer)
+        tokenizer = load_tokenizer(config.tokenizer, getattr(model_config, "new_tokens", NEW_TOKENS))
         if tokenizer.base_vocab_size != model_config.base_vocab_size:
             raise ValueError(
                 f"RunConfig.tokenizer={config.tokenizer!r} has {tokenizer.base_vocab_size} base tokens but "
