@@ -102,9 +102,13 @@ def test_openflamingo_eval_follows_its_protocol(size):
     assert run_config.datasets == () and run_config.model.xattn.placement == "openflamingo"
     assert (eval_config.shots, eval_config.seeds, eval_config.pool_size) == ((0, 4, 8, 16, 32), (42,), 2048)
     assert (eval_config.num_beams, eval_config.length_penalty, eval_config.checkpoint_step) == (3, 0.0, 0)
-    assert {task: eval_config.for_task(task, 0).max_new_tokens for task in eval_config.tasks} == {
+    assert {task: eval_config.for_task(task, 0).max_new_tokens for task in eval_config.task_options} == {
         "coco": 20,
+        "flickr30k": 20,
         "vqav2": 5,
+        "ok_vqa": 5,
+        "textvqa": 5,
+        "vizwiz": 5,
         "hateful_memes": 20,
     }
 

@@ -3,6 +3,8 @@ RICES, never the query), every task kind's metric, seeds, saved predictions."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -154,6 +156,36 @@ def test_dataset_readers(benchmark_files, tmp_path):
     with pytest.raises(ValueError, match="bad.jsonl:1: not a HatefulMemes record"):
         tasks.read_hateful_memes(str(tmp_path / "bad.jsonl"), str(tmp_path))
     assert {"coco", "flickr30k", "vqav2", "hateful_memes"} <= set(tasks.TASKS)
+
+
+@pytest.mark.parametrize(
+    "name, image_id, file_name",
+    [
+        ("ok_vqa", 42, "COCO_val2014_000000000042.jpg"),
+        ("textvqa", "003a8ae2ef43b901", "003a8ae2ef43b901.jpg"),
+        ("vizwiz", "VizWiz_val_00000000.jpg", "VizWiz_val_00000000.jpg"),
+    ],
+)
+def test_vqa_format_benchmarks(tmp_path, name, image_id, file_name):
+    """OK-VQA (VQAv2's layout), TextVQA and VizWiz (the VQA-format files OpenFlamingo's
+    evaluation ships: string image ids) read their images by their published names."""
+    from flamingo_jax.evaluation import tasks
+
+    from conftest import encoded_image
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / file_name).write_bytes(encoded_image((200, 10, 10)))
+    questions = {"questions": [{"question": "what is it?", "image_id": image_id, "question_id": 7}]}
+    answers = [{"answer": "unanswerable"}] * 3 + [{"answer": "a sign"}] * 7
+    annotations = {"annotations": [{"question_id": 7, "answers": answers}]}
+    (tmp_path / "q.json").write_text(json.dumps(questions))
+    (tmp_path / "a.json").write_text(json.dumps(annotations))
+    task = tasks.TASKS[name](
+        questions=str(tmp_path / "q.json"), annotations=str(tmp_path / "a.json"), image_root=str(tmp_path / "images")
+    )
+    (query,) = task.queries
+    assert (task.name, task.kind, query.question) == (name, "vqa", "what is it?")
+    assert query.load_image().shape == (20, 24, 3) and task.demo_answer(query, np.random.default_rng(0)) == " a sign"
 
 
 def test_fashion_captions_are_held_out_and_read_like_training():

@@ -216,4 +216,16 @@ TASKS: Registry[Callable[..., Task]] = Registry("evaluation task")
 TASKS.register("coco", functools.partial(read_karpathy, name="coco"))
 TASKS.register("flickr30k", functools.partial(read_karpathy, name="flickr30k"))
 TASKS.register("vqav2", functools.partial(read_vqav2, name="vqav2"))
+# OK-VQA: VQAv2's layout over COCO val2014 (OpenEnded_mscoco_val2014_questions.json,
+# mscoco_val2014_annotations.json). TextVQA and VizWiz: the VQA-format files OpenFlamingo's
+# evaluation reads (val_questions_vqa_format.json, val_annotations_vqa_format.json), whose
+# image_id is TextVQA's image name without '.jpg' and VizWiz's file name.
+TASKS.register("ok_vqa", functools.partial(read_vqav2, name="ok_vqa"))
+TASKS.register(
+    "textvqa",
+    functools.partial(read_vqav2, name="textvqa", image_name="{image_id}.jpg", pool_image_name="{image_id}.jpg"),
+)
+TASKS.register(
+    "vizwiz", functools.partial(read_vqav2, name="vizwiz", image_name="{image_id}", pool_image_name="{image_id}")
+)
 TASKS.register("hateful_memes", functools.partial(read_hateful_memes, name="hateful_memes"))
