@@ -40,6 +40,12 @@ def test_class_log_likelihoods_match_direct_sums(model, prompts):  # noqa: F811
         model, tokens, index, image_mask, images, CLASSES, input_mask=mask, normalize=True
     )
     np.testing.assert_allclose(normalized, scores / np.asarray([1, 3, 2]), rtol=1e-6)
+    # Classes in chunks of 2 (the last one padded) and of 1 score the same.
+    for chunk in (1, 2):
+        chunked = class_log_likelihoods(model, tokens, index, image_mask, images, CLASSES, input_mask=mask, chunk=chunk)
+        np.testing.assert_allclose(chunked, scores, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="chunk must be >= 1"):
+        class_log_likelihoods(model, tokens, index, image_mask, images, CLASSES, input_mask=mask, chunk=0)
     with pytest.raises(ValueError, match="at least one token"):
         class_log_likelihoods(model, tokens, index, image_mask, images, [[1], []], input_mask=mask)
 

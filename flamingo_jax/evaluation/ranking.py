@@ -3,8 +3,9 @@ RICES demonstration retrieval.
 
 ``class_log_likelihoods`` (and ``candidate_log_likelihoods``, each prompt with its own candidates)
 runs each prompt once (filling the KV cache and the visual keys/values
-of every cross-attention block), then scores all class names at once as continuations of the
-cached prompt, so the prompt is never recomputed per class.
+of every cross-attention block), reads every class's first token from its last logits, then
+scores the classes' later tokens as continuations of the cached prompt, ``chunk`` classes per
+pass, so the prompt is never recomputed per class.
 """
 
 from __future__ import annotations
@@ -20,29 +21,32 @@ from flamingo_jax.evaluation.generate import left_padded_prompts, repeat_rows
 from flamingo_jax.models.llama import KVCache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _score(graphdef, state, tokens, input_mask, image_index, image_mask, images, classes, class_mask):
-    """float[B, C]: log p(candidate c of row b | prompt b); ``classes`` int[B, C, L] (each row's
-    own candidates), ``class_mask`` bool[B, C, L]."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "class_length"))
+def _prefill(graphdef, state, tokens, input_mask, image_index, image_mask, images, class_length: int):
+    """The prompt once: log p(first class token) float[B, V], the KV cache (room for the class
+    tokens after it) and the visual keys/values."""
     model = nnx.merge(graphdef, state)
     batch, prompt_length = tokens.shape
-    _, num_classes, class_length = classes.shape
     media_kv = model.media_kv(model.encode_media(images))
     # The last class token is only scored, never fed: the cache holds the prompt and the others.
     cache = KVCache.create(model.config.lm, batch, prompt_length + class_length - 1)
     logits, cache = model(
         tokens, image_index, image_mask, media_kv=media_kv, input_mask=input_mask, cache=cache, last_only=True
     )
-    first = jax.nn.log_softmax(logits[:, -1].astype(jnp.float32), axis=-1)  # [B, V]: the class's first token
-    total = jnp.take_along_axis(first, classes[:, :, 0], axis=1)  # [B, C]
-    if class_length == 1:
-        return total
+    return jax.nn.log_softmax(logits[:, -1].astype(jnp.float32), axis=-1), cache, media_kv
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _later_tokens(graphdef, state, cache, media_kv, last_image, image_mask, classes, class_mask):
+    """float[B, C]: log p(class tokens 1.. | prompt, token 0) of ``classes`` int[B, C, L], each
+    class a continuation of its row's cached prompt (the cache repeated C times)."""
+    model = nnx.merge(graphdef, state)
+    batch, num_classes, class_length = classes.shape
     fed = classes[:, :, :-1].reshape(batch * num_classes, class_length - 1)  # row b * C + c: class c of b
     fed_mask = class_mask[:, :, :-1].reshape(fed.shape)
-    last_image = jnp.repeat(image_index[:, -1:], num_classes, axis=0)
     class_logits, _ = model(
         fed,
-        jnp.broadcast_to(last_image, fed.shape),
+        jnp.broadcast_to(jnp.repeat(last_image, num_classes, axis=0), fed.shape),
         jnp.repeat(image_mask, num_classes, axis=0),
         media_kv=repeat_rows(media_kv, num_classes),
         input_mask=fed_mask,
@@ -53,7 +57,36 @@ def _score(graphdef, state, tokens, input_mask, image_index, image_mask, images,
     targets = classes[:, :, 1:].reshape(fed.shape)
     later = jnp.take_along_axis(logp, targets[..., None], axis=2)[..., 0]
     later = jnp.sum(jnp.where(class_mask[:, :, 1:].reshape(fed.shape), later, 0.0), axis=1)
-    return total + later.reshape(batch, num_classes)
+    return later.reshape(batch, num_classes)
+
+
+def _score(graphdef, state, tokens, input_mask, image_index, image_mask, images, classes, class_mask, chunk: int):
+    """float[B, C]: log p(candidate c of row b | prompt b); the prompt runs once, the candidates'
+    later tokens ``chunk`` candidates at a time (each chunk holds the prompt's cache ``chunk``
+    times: 1000 ImageNet classes in one pass would hold it 1000 times)."""
+    class_length = classes.shape[2]
+    first, cache, media_kv = _prefill(
+        graphdef, state, tokens, input_mask, image_index, image_mask, images, class_length=class_length
+    )
+    total = np.array(jnp.take_along_axis(first, classes[:, :, 0], axis=1))  # [B, C], writable
+    if class_length == 1:
+        return total
+    num_classes = classes.shape[1]
+    for start in range(0, num_classes, chunk):
+        stop = min(start + chunk, num_classes)
+        columns = np.arange(start, start + chunk) % num_classes  # the last chunk padded (one shape)
+        later = _later_tokens(
+            graphdef,
+            state,
+            cache,
+            media_kv,
+            image_index[:, -1:],
+            image_mask,
+            classes[:, columns],
+            class_mask[:, columns],
+        )
+        total[:, start:stop] += np.asarray(later)[:, : stop - start]
+    return total
 
 
 def class_log_likelihoods(
@@ -66,9 +99,11 @@ def class_log_likelihoods(
     *,
     input_mask=None,
     normalize: bool = False,
+    chunk: int = 128,
 ) -> np.ndarray:
     """float[B, C]: log p(class name | prompt) of every class for every left-padded prompt
-    (divided by the class's token count when ``normalize``)."""
+    (divided by the class's token count when ``normalize``); ``chunk`` classes at a time after
+    the first token (each chunk keeps ``chunk`` copies of the prompt's KV cache)."""
     rows = len(np.asarray(tokens))
     return candidate_log_likelihoods(
         model,
@@ -79,6 +114,7 @@ def class_log_likelihoods(
         [class_tokens] * rows,
         input_mask=input_mask,
         normalize=normalize,
+        chunk=chunk,
     )
 
 
@@ -92,6 +128,7 @@ def candidate_log_likelihoods(
     *,
     input_mask=None,
     normalize: bool = False,
+    chunk: int = 128,
 ) -> np.ndarray:
     """float[B, C]: log p(candidate | prompt) for each row's own C candidates (``candidates[b]``:
     C token lists; every row the same C), e.g. the labels of a few-shot episode."""
@@ -102,6 +139,8 @@ def candidate_log_likelihoods(
         raise ValueError(
             f"candidate_log_likelihoods: every prompt needs the same number (>0) of candidates, got {counts}"
         )
+    if chunk < 1:
+        raise ValueError(f"candidate_log_likelihoods: chunk must be >= 1, got {chunk}")
     if any(len(c) == 0 for row in candidates for c in row):
         raise ValueError("candidate_log_likelihoods: every candidate needs at least one token")
     tokens, input_mask = left_padded_prompts(tokens, input_mask, "candidate_log_likelihoods")
@@ -122,8 +161,8 @@ def candidate_log_likelihoods(
         jnp.asarray(images),
         jnp.asarray(classes),
         jnp.asarray(class_mask),
+        chunk=min(chunk, classes.shape[1]),
     )
-    scores = np.asarray(scores)
     if normalize:
         scores = scores / class_mask.sum(axis=2)
     return scores
