@@ -110,6 +110,7 @@ def test_openflamingo_eval_follows_its_protocol(size):
         "textvqa": 5,
         "vizwiz": 5,
         "hateful_memes": 20,
+        "imagenet": 20,
     }
 
 

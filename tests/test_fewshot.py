@@ -15,7 +15,7 @@ from flamingo_jax.evaluation.tasks import Example, Task
 from flamingo_jax.models.flamingo import create_flamingo
 from flamingo_jax.tokenizer import Tokenizer
 
-from conftest import set_gates
+from conftest import encoded_image, set_gates
 
 TOKENIZER = Tokenizer.from_bytes()
 
@@ -171,8 +171,6 @@ def test_vqa_format_benchmarks(tmp_path, name, image_id, file_name):
     evaluation ships: string image ids) read their images by their published names."""
     from flamingo_jax.evaluation import tasks
 
-    from conftest import encoded_image
-
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / file_name).write_bytes(encoded_image((200, 10, 10)))
     questions = {"questions": [{"question": "what is it?", "image_id": image_id, "question_id": 7}]}
@@ -186,6 +184,42 @@ def test_vqa_format_benchmarks(tmp_path, name, image_id, file_name):
     (query,) = task.queries
     assert (task.name, task.kind, query.question) == (name, "vqa", "what is it?")
     assert query.load_image().shape == (20, 24, 3) and task.demo_answer(query, np.random.default_rng(0)) == " a sign"
+
+
+def test_imagenet_class_folders(tmp_path):
+    """ImageNet val folders named by wnid, classes from the devkit's synset list (first synonym)
+    or a names file; the queries in one shuffled order across classes; errors name the file."""
+    from flamingo_jax.evaluation import tasks
+
+    synsets = ["n01440764 tench, Tinca tinca", "n01443537 goldfish, Carassius auratus", "n01484850 great white shark"]
+    (tmp_path / "synsets.txt").write_text("\n".join(synsets) + "\n")
+    for label, line in enumerate(synsets):
+        folder = tmp_path / "val" / line.split()[0]
+        folder.mkdir(parents=True)
+        for k in range(3):
+            (folder / f"ILSVRC2012_val_{label}{k}.JPEG").write_bytes(encoded_image((80 * label, 10 * k, 0)))
+        (folder / "notes.txt").write_text("not an image")
+    task = tasks.TASKS["imagenet"](image_root=str(tmp_path / "val"), synsets=str(tmp_path / "synsets.txt"))
+    assert task.kind == "classification" and task.class_names == ("tench", "goldfish", "great white shark")
+    assert len(task.queries) == 9 and task.pool is task.queries
+    assert sorted(e.label for e in task.queries) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert len({e.label for e in task.queries[:3]}) > 1  # shuffled, not class by class
+    query = task.queries[0]
+    assert query.answers == [task.class_names[query.label]] and query.load_image().shape == (20, 24, 3)
+    (tmp_path / "names.txt").write_text("tench fish\ngoldfish\nwhite shark\n")
+    renamed = tasks.read_imagenet(
+        str(tmp_path / "val"), str(tmp_path / "synsets.txt"), class_names=str(tmp_path / "names.txt")
+    )
+    assert renamed.class_names == ("tench fish", "goldfish", "white shark")
+    (tmp_path / "val" / "n01443537" / "ILSVRC2012_val_10.JPEG").unlink()
+    (tmp_path / "synsets.txt").write_text("\n".join(synsets + ["n99999999 missing class"]) + "\n")
+    with pytest.raises(FileNotFoundError, match="no folder n99999999"):
+        tasks.read_imagenet(str(tmp_path / "val"), str(tmp_path / "synsets.txt"))
+    with pytest.raises(ValueError, match="2 names for the 4 classes"):
+        (tmp_path / "names.txt").write_text("a\nb\n")
+        tasks.read_imagenet(
+            str(tmp_path / "val"), str(tmp_path / "synsets.txt"), class_names=str(tmp_path / "names.txt")
+        )
 
 
 def test_fashion_captions_are_held_out_and_read_like_training():

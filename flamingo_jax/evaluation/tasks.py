@@ -6,7 +6,8 @@ class log-likelihood) or 'binary' (ROC-AUC of the positive class, e.g. HatefulMe
 
 Readers for the standard formats, registered in ``TASKS`` with their paths set in gin: COCO /
 Flickr30k Karpathy-split JSON (``coco``, ``flickr30k``), VQAv2 question + annotation JSON
-(``vqav2``), HatefulMemes jsonl (``hateful_memes``). A project registers its own tasks the same way::
+(``vqav2``, ``ok_vqa``; ``textvqa`` and ``vizwiz`` in OpenFlamingo's VQA-format files), HatefulMemes
+jsonl (``hateful_memes``), ImageNet class folders (``imagenet``). A project registers its own tasks the same way::
 
     from flamingo_jax.evaluation.tasks import TASKS, Example, Task
 
@@ -213,6 +214,56 @@ def read_hateful_memes(
 # where its signature takes them. The standard benchmarks read their files from paths set in gin,
 # e.g. ``EvalConfig.task_options = {'coco': {'path': '.../dataset_coco.json', 'image_root': '...'}}``.
 TASKS: Registry[Callable[..., Task]] = Registry("evaluation task")
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+
+
+def read_imagenet(
+    image_root: str,
+    synsets: str,
+    *,
+    pool_root: str | None = None,
+    class_names: str | None = None,
+    class_suffix: str = ".",
+    name: str = "imagenet",
+) -> Task:
+    """ImageNet-1k as class folders (``image_root/<wnid>/*.JPEG``: torchvision's ImageFolder
+    layout, which OpenFlamingo's evaluation reads), its classes from the devkit's synset list
+    (``LOC_synset_mapping.txt`` or ``synset_words.txt``: ``<wnid> <name>[, <synonym> ...]`` per
+    line, in class-index order), each class ranked by its first name or, with ``class_names``, by
+    that file's line of the same index (e.g. the curated names CLIP and OpenFlamingo rank).
+    Demonstrations from ``pool_root`` (the train folders) or else from the queries. The examples
+    are in one fixed shuffled order, so the first ``num_queries`` are a sample of every class.
+    ``class_suffix``: what follows a class name when it is scored (OpenFlamingo's prompt: nothing)."""
+    with open(synsets) as f:
+        entries = [line.strip().split(" ", 1) for line in f if line.strip()]
+    if any(len(entry) != 2 for entry in entries):
+        raise ValueError(f"{synsets}: a line is not '<wnid> <name>[, <synonym> ...]'")
+    wnids = [wnid for wnid, _ in entries]
+    names = [rest.split(",")[0].strip() for _, rest in entries]
+    if class_names is not None:
+        with open(class_names) as f:
+            names = [line.rstrip("\n") for line in f if line.strip()]
+        if len(names) != len(wnids):
+            raise ValueError(f"{class_names}: {len(names)} names for the {len(wnids)} classes of {synsets}")
+
+    def examples(root: str) -> list[Example]:
+        out = []
+        for label, wnid in enumerate(wnids):
+            folder = os.path.join(root, wnid)
+            if not os.path.isdir(folder):
+                raise FileNotFoundError(f"{root}: no folder {wnid} (class {label}, {names[label]!r})")
+            for file in sorted(os.listdir(folder)):
+                if file.lower().endswith(IMAGE_SUFFIXES):
+                    path = os.path.join(folder, file)
+                    out.append(Example(f"{wnid}/{file}", image_file(path), [names[label]], label=label))
+        order = np.random.default_rng(0).permutation(len(out))
+        return [out[i] for i in order]
+
+    queries = examples(image_root)
+    pool = examples(pool_root) if pool_root else queries
+    return Task(name, "classification", queries, pool, class_names=tuple(names), class_suffix=class_suffix)
+
+
 TASKS.register("coco", functools.partial(read_karpathy, name="coco"))
 TASKS.register("flickr30k", functools.partial(read_karpathy, name="flickr30k"))
 TASKS.register("vqav2", functools.partial(read_vqav2, name="vqav2"))
@@ -220,6 +271,7 @@ TASKS.register("vqav2", functools.partial(read_vqav2, name="vqav2"))
 # mscoco_val2014_annotations.json). TextVQA and VizWiz: the VQA-format files OpenFlamingo's
 # evaluation reads (val_questions_vqa_format.json, val_annotations_vqa_format.json), whose
 # image_id is TextVQA's image name without '.jpg' and VizWiz's file name.
+TASKS.register("imagenet", functools.partial(read_imagenet, name="imagenet"))
 TASKS.register("ok_vqa", functools.partial(read_vqav2, name="ok_vqa"))
 TASKS.register(
     "textvqa",
