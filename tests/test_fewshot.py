@@ -114,8 +114,18 @@ def test_task_options_init_tasks_and_init_shots():
     # A name outside the task registry is refused when the config is built, before any training.
     with pytest.raises(ValueError, match=r"EvalConfig.init_tasks: unknown evaluation task 'fashion'; registered"):
         fewshot.EvalConfig(tasks=(a,), init_tasks=("fashion",))
-    with pytest.raises(ValueError, match=r"EvalConfig.tasks: unknown evaluation task 'imagenet'"):
-        fewshot.EvalConfig(tasks=(a, "imagenet"))
+    with pytest.raises(ValueError, match=r"EvalConfig.tasks: unknown evaluation task 'imagenet21k'"):
+        fewshot.EvalConfig(tasks=(a, "imagenet21k"))
+    # A task's own decoding settings.
+    config = fewshot.EvalConfig(tasks=(a, b), num_beams=3, task_options={b: {"max_new_tokens": 5, "num_beams": 1}})
+    assert (config.for_task(a, None).max_new_tokens, config.for_task(a, None).num_beams) == (20, 3)
+    assert (
+        config.for_task(b, 7).max_new_tokens,
+        config.for_task(b, 7).num_beams,
+        config.for_task(b, 7).checkpoint_step,
+    ) == (5, 1, 7)
+    with pytest.raises(ValueError, match=r"task_options\['fashion_mnist'\]\['num_beams'\]=0: must be a positive int"):
+        fewshot.EvalConfig(tasks=(a,), task_options={a: {"num_beams": 0}})
 
 
 def test_demonstrations_never_include_the_query_and_rices_picks_nearest():

@@ -61,20 +61,25 @@ def _later_tokens(graphdef, state, cache, media_kv, last_image, image_mask, clas
 
 
 def _score(graphdef, state, tokens, input_mask, image_index, image_mask, images, classes, class_mask, chunk: int):
-    """float[B, C]: log p(candidate c of row b | prompt b); the prompt runs once, the candidates'
-    later tokens ``chunk`` candidates at a time (each chunk holds the prompt's cache ``chunk``
-    times: 1000 ImageNet classes in one pass would hold it 1000 times)."""
+    """float[B, C]: log p(candidate c of row b | prompt b); the prompt runs once, then the
+    candidates' later tokens ``chunk`` candidates at a time, shortest first and each chunk only
+    as long as its longest (each chunk holds the prompt's cache ``chunk`` times: 1000 ImageNet
+    classes in one pass would hold it 1000 times; single-token candidates need no pass)."""
     class_length = classes.shape[2]
     first, cache, media_kv = _prefill(
         graphdef, state, tokens, input_mask, image_index, image_mask, images, class_length=class_length
     )
     total = np.array(jnp.take_along_axis(first, classes[:, :, 0], axis=1))  # [B, C], writable
-    if class_length == 1:
+    lengths = np.asarray(class_mask).sum(axis=2).max(axis=0)  # [C]: the longest of a column
+    order = np.argsort(lengths, kind="stable")
+    order = order[lengths[order] > 1]
+    if not len(order):
         return total
-    num_classes = classes.shape[1]
-    for start in range(0, num_classes, chunk):
-        stop = min(start + chunk, num_classes)
-        columns = np.arange(start, start + chunk) % num_classes  # the last chunk padded (one shape)
+    size = min(chunk, len(order))
+    for start in range(0, len(order), size):
+        columns = order[start : start + size]
+        padded = np.concatenate([columns, np.repeat(columns[-1:], size - len(columns))])  # one shape
+        width = int(lengths[columns].max())
         later = _later_tokens(
             graphdef,
             state,
@@ -82,10 +87,10 @@ def _score(graphdef, state, tokens, input_mask, image_index, image_mask, images,
             media_kv,
             image_index[:, -1:],
             image_mask,
-            classes[:, columns],
-            class_mask[:, columns],
+            classes[:, padded, :width],
+            class_mask[:, padded, :width],
         )
-        total[:, start:stop] += np.asarray(later)[:, : stop - start]
+        total[:, columns] += np.asarray(later)[:, : len(columns)]
     return total
 
 
