@@ -122,7 +122,9 @@ def ours(repeats: int) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def openflamingo(repeats: int) -> dict:
+def build_openflamingo():
+    """OpenFlamingo's ``Flamingo`` of the bench dimensions (random weights, gates at 0.5), built
+    as its factory builds one, and ``torch``."""
     import types
 
     # The package's __init__ imports open_clip for its factory; the model classes do not need it.
@@ -179,6 +181,11 @@ def openflamingo(repeats: int) -> dict:
             with torch.no_grad():
                 layer.attn_gate.fill_(0.5)
                 layer.ff_gate.fill_(0.5)
+    return model, torch
+
+
+def openflamingo(repeats: int) -> dict:
+    model, torch = build_openflamingo()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     tokens, images = bench_inputs()

@@ -80,8 +80,8 @@ def test_eval_of_the_initialisation_and_clear_errors(evaluated):
     run_config, eval_config = configs_for("EvalConfig.tasks=['fashion_mnist']", "EvalConfig.checkpoint_step=3")
     with pytest.raises(FileNotFoundError, match=r"no checkpoint at step 3 .*available: \[4\]"):
         evaluate_run(run_config, eval_config, str(evaluated))
-    with pytest.raises(ValueError, match="EvalConfig.tasks: unknown evaluation task 'imagenet'"):
-        configs_for("EvalConfig.tasks=['imagenet']")
+    with pytest.raises(ValueError, match="EvalConfig.tasks: unknown evaluation task 'imagenet21k'"):
+        configs_for("EvalConfig.tasks=['imagenet21k']")
     with pytest.raises(ValueError, match="EvalConfig.task_options: unknown evaluation task 'fashion'"):
         configs_for("EvalConfig.task_options={'fashion': {'num_queries': 3}}")
     with pytest.raises(
