@@ -271,11 +271,12 @@ def test_whole_model_matches_openflamingo(release, family):
 
 
 @pytest.mark.slow
-def test_converted_checkpoint_evaluates_with_the_openflamingo_protocol(release, benchmark_files, tmp_path):
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_converted_checkpoint_evaluates_with_the_openflamingo_protocol(release, family, benchmark_files, tmp_path):
     """``tools.convert`` on the released files, then ``--mode=eval`` of the converted weights on
     COCO / VQAv2 / HatefulMemes files in their published layouts, with runs/openflamingo_eval.gin
     (each task with its own decoding length)."""
-    released = release("mpt")  # the conversion path is the same for every family
+    released = release(family)
     sources = released.sources
     converted = tmp_path / "converted"
     flags = [
@@ -286,6 +287,8 @@ def test_converted_checkpoint_evaluates_with_the_openflamingo_protocol(release, 
         f"--openflamingo_endofchunk_token={sources['endofchunk_token_index']}",
         f"--openflamingo_embeddings_key={sources['input_embeddings_key']}",
     ]
+    if sources["output_embeddings_key"]:
+        flags.append(f"--openflamingo_output_embeddings_key={sources['output_embeddings_key']}")
     bindings = [f"--gin_bindings={b}" for b in released.bindings]
     run = lambda *args: subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True)
     result = run(
