@@ -47,6 +47,27 @@ def test_report_table_queries_and_standard_error(tmp_path):
     assert "| fashion_mnist | 320 | accuracy | 300 | 81.0 ± 0.0 | 80.0 ± 0.0 | 79.0 ± 0.0 |" in text
     errors = " / ".join(f"{100 * np.sqrt(p * (1 - p) / 300):.1f}" for p in (0.81, 0.80, 0.79))
     assert f"for fashion_mnist at step 320 (0/4/8 shots), {errors} points at 300 queries." in text
+    assert "4 - 0 shots +0.0 ± 0.0; 8 - 0 shots +0.0 ± 0.0." in text  # the paired differences
     assert "Wall time (train + evaluate): 10.0 min" in text
     assert (tmp_path / "eval" / "report.md").read_text() == text
     assert os.path.getsize(tmp_path / "eval" / "report.png") > 10_000
+
+
+def test_paired_difference_against_the_fewest_shots():
+    """Each query's correctness at k shots minus at the fewest, over the same (seed, query)
+    pairs: the mean and the standard error of that per-query difference (hand-computed here)."""
+
+    def rows(correct: list[bool]) -> list[dict]:
+        return [
+            {"id": str(i), "label": 1, "scores": [0.0, 1.0] if ok else [1.0, 0.0], "prediction": ""}
+            for i, ok in enumerate(correct)
+        ]
+
+    zero = [True, True, False, False, True, False, True, True]
+    four = [True, True, True, True, True, False, False, True]  # +2 right, -1: d = [0,0,1,1,0,0,-1,0]
+    record = {"predictions": {"0": {"0": rows(zero)}, "4": {"0": rows(four)}, "8": {"0": rows(zero[:1])}}}
+    differences = report.paired_differences(record)
+    d = np.array([0, 0, 1, 1, 0, 0, -1, 0], float)
+    mean, se = differences[("4", "0")]
+    assert np.isclose(mean, 100 * d.mean()) and np.isclose(se, 100 * d.std(ddof=1) / np.sqrt(8))
+    assert ("8", "0") not in differences  # one pair is no standard error

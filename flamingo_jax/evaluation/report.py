@@ -67,6 +67,14 @@ def write_report(
             + " / ".join(f"{e:.1f}" for e in error)
             + f" points at {queries} queries."
         )
+        differences = paired_differences(record)
+        if differences:
+            lines.append(
+                "Against the fewest shots on the same queries (paired: the standard error of the "
+                "per-query difference in correctness): "
+                + "; ".join(f"{k} - {base} shots {d:+.1f} ± {se:.1f}" for (k, base), (d, se) in differences.items())
+                + "."
+            )
     for record in sorted((r for r in records if r["kind"] == "episodes"), key=lambda r: (r["task"], r["step"])):
         results = record["results"]
         shots = sorted(results, key=int)
@@ -85,6 +93,33 @@ def write_report(
         text += "\n![predictions](report.png)\n"
     storage.write_text(storage.path(workdir) / "eval" / "report.md", text)
     return text
+
+
+def paired_differences(record: dict) -> dict[tuple[str, str], tuple[float, float]]:
+    """{(shots, fewest shots): (accuracy difference, its paired standard error)} in points, for a
+    classification record: each query's correctness at ``shots`` minus at the fewest shots, over
+    the (seed, query) pairs scored at both; the standard error is that of the mean difference,
+    smaller than the unpaired one when the same queries tend to be right at both counts."""
+    predictions = record["predictions"]
+    shots = sorted(predictions, key=int)
+
+    def correct(count: str) -> dict:
+        return {
+            (seed, row["id"]): float(int(np.argmax(row["scores"])) == row["label"])
+            for seed, rows in predictions[count].items()
+            for row in rows
+        }
+
+    base = correct(shots[0])
+    out = {}
+    for count in shots[1:]:
+        other = correct(count)
+        keys = sorted(set(base) & set(other))
+        if len(keys) < 2:
+            continue
+        d = np.asarray([other[k] - base[k] for k in keys])
+        out[(count, shots[0])] = (100.0 * float(d.mean()), 100.0 * float(d.std(ddof=1) / np.sqrt(len(d))))
+    return out
 
 
 def _queries(record: dict) -> int:
