@@ -118,18 +118,24 @@ def train_step_flops(
     media = batch_size * num_media
     vision = media * num_frames * vision_forward_flops(config.vision)
 
-    # Perceiver Resampler, per media item.
+    # Perceiver Resampler (or the ablation's MLP / Transformer), per media item.
     source = num_frames * config.vision.num_output_tokens
-    latents = resampler.num_latents
+    latents = resampler.tokens_per_medium(config.vision.num_output_tokens, num_frames)
     inner = resampler.num_heads * resampler.head_dim
     width = resampler.width
-    per_layer = (
-        2 * latents * width * inner  # q
-        + 2 * 2 * (source + latents) * width * inner  # k, v
-        + 2 * 2 * latents * (source + latents) * inner  # scores and weighted sum
-        + 2 * latents * inner * width  # out
-        + 2 * 2 * latents * width * width * resampler.ffw_mult
-    )
+    ffw = 2 * 2 * latents * width * width * resampler.ffw_mult
+    if resampler.kind == "perceiver":
+        per_layer = (
+            2 * latents * width * inner  # q
+            + 2 * 2 * (source + latents) * width * inner  # k, v
+            + 2 * 2 * latents * (source + latents) * inner  # scores and weighted sum
+            + 2 * latents * inner * width  # out
+            + ffw
+        )
+    elif resampler.kind == "transformer":  # self-attention over the features
+        per_layer = 4 * 2 * latents * width * inner + 2 * 2 * latents * latents * inner + ffw
+    else:
+        per_layer = ffw
     projection = 2 * source * config.vision.output_dim * width if config.vision.output_dim != width else 0
     resampler_flops = media * (projection + resampler.depth * per_layer)
 

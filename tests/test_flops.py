@@ -23,6 +23,10 @@ def _matmul_heavy_config(placement, family="llama"):
         "gpt_neox": ["LlamaConfig.family = 'gpt_neox'", "LlamaConfig.mlp_bias = True"],
         # IDEFICS's blocks: a SwiGLU feed-forward of the LM's hidden width (three matrices).
         "idefics": ["XAttnConfig.ffw = 'swiglu'", "XAttnConfig.ffw_dim = 768", "XAttnConfig.norm = 'rms'"],
+        # The paper's ablations (Table 3): a Transformer in place of the resampler with vanilla
+        # cross-attention blocks; an MLP resampler (with 'graft': the blocks on top of the LM).
+        "transformer_vanilla": ["ResamplerConfig.kind = 'transformer'", "XAttnConfig.dense = False"],
+        "mlp": ["ResamplerConfig.kind = 'mlp'"],
     }
     model = configs.load_model_config(
         "models/tiny.gin",
@@ -47,7 +51,15 @@ def _matmul_heavy_config(placement, family="llama"):
 
 
 @pytest.mark.parametrize(
-    "placement, family", [("paper", "llama"), ("openflamingo", "llama"), ("paper", "gpt_neox"), ("paper", "idefics")]
+    "placement, family",
+    [
+        ("paper", "llama"),
+        ("openflamingo", "llama"),
+        ("paper", "gpt_neox"),
+        ("paper", "idefics"),
+        ("paper", "transformer_vanilla"),
+        ("graft", "mlp"),
+    ],
 )
 def test_analytic_flops_match_xla(placement, family):
     config = _matmul_heavy_config(placement, family)

@@ -78,8 +78,10 @@ def test_scanned_model_matches_per_layer_model_under_fsdp(
     assert sorted(scanned_grads) == sorted(grads)
     assert any(key.startswith("xattn_layers/0/") for key in grads)
     for key, value in grads.items():
+        # Relative to each array's largest entry: a scalar gate's gradient, a sum over every
+        # token, differs by up to 6e-5 of itself between the two summation orders (AMD EPYC).
         scale = np.abs(value).max() + 1e-12
-        np.testing.assert_allclose(scanned_grads[key] / scale, value / scale, atol=1e-5, err_msg=key)
+        np.testing.assert_allclose(scanned_grads[key] / scale, value / scale, atol=2e-4, err_msg=key)
 
 
 def test_scanned_gpt_neox_matches_per_layer_model_under_fsdp(tiny_config):

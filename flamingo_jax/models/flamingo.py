@@ -120,7 +120,8 @@ class Flamingo(nnx.Module):
         )
 
     def encode_media(self, images: jax.Array) -> jax.Array:
-        """float[B, N, F, H, W, C] -> visual tokens float[B, N, num_latents, resampler.width].
+        """float[B, N, F, H, W, C] -> visual tokens float[B, N, tokens, resampler.width] (tokens:
+        ``resampler.tokens_per_medium``).
 
         The vision encoder is frozen: no gradient flows into it (and XLA does no work for one).
         """
@@ -258,10 +259,10 @@ class Flamingo(nnx.Module):
         """(the xattn blocks' inputs, ``apply(block, hidden, input)``) of one stream, as
         :class:`Inserts` takes them: the media keys and values per block (stacked on axis 0 with
         ``lm.scan_layers``), the stream's attention mask closed over."""
-        mask = media_attention_mask(
-            image_index, image_mask, self.config.resampler.num_latents, self.config.xattn.attend
-        )
         stacked = self.config.lm.scan_layers  # media_kv stacked over the blocks on axis 1
+        keys = jax.tree.leaves(media_kv)[0]  # float[B, (blocks,) N * tokens, heads, head_dim]
+        tokens_per_medium = keys.shape[2 if stacked else 1] // image_mask.shape[1]
+        mask = media_attention_mask(image_index, image_mask, tokens_per_medium, self.config.xattn.attend)
 
         def block(module, hidden, kv):
             with jax.named_scope("xattn"):
@@ -277,7 +278,7 @@ class Flamingo(nnx.Module):
     def _below_first_block(self, tokens: jax.Array, stop: int, max_rows: int) -> jax.Array:
         """float[B, T, W]: the LM's hidden states entering layer ``stop``, computed once per
         distinct row of ``tokens`` when there are at most ``max_rows`` of them."""
-        lower = lambda rows: self.lm.backbone(self.embed_tokens(rows), layer_range=(0, stop))[0]
+        lower = lambda rows: self.lm.backbone(self.embed_tokens(rows), layer_range=(0, stop), final_norm=False)[0]
         if max_rows >= tokens.shape[0]:
             return lower(tokens)
         rows, inverse = jnp.unique(tokens, axis=0, size=max_rows, fill_value=0, return_inverse=True)
@@ -340,7 +341,7 @@ class Flamingo(nnx.Module):
             else:
                 hidden = self.embed_tokens(batch.tokens)
                 if start:
-                    hidden = self.lm.backbone(hidden, layer_range=(0, start))[0]
+                    hidden = self.lm.backbone(hidden, layer_range=(0, start), final_norm=False)[0]
             hiddens.append(hidden)
             stream_inputs, apply = self._block_inputs(
                 batch.image_index, batch.image_mask, self.media_kv(self.encode_media(batch.images))

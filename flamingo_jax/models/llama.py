@@ -351,6 +351,7 @@ class LlamaLM(nnx.Module):
         cache: KVCache | None = None,
         inserts: Inserts | None = None,
         layer_range: tuple[int, int] | None = None,
+        final_norm: bool = True,
     ) -> tuple[jax.Array, KVCache | None]:
         """Runs the decoder layers and the final norm.
 
@@ -364,9 +365,12 @@ class LlamaLM(nnx.Module):
           positions: int32[B, T] RoPE positions. Default: count of real tokens before each one
             (so left padding and cached decoding get the right positions).
           cache: a KVCache to append these T tokens to, or None for a plain causal pass.
-          inserts: modules to run before chosen layers (:class:`Inserts`).
+          inserts: modules to run before chosen layers (:class:`Inserts`); those at index
+            ``num_layers`` run after the last layer, before the final norm.
           layer_range: ``(start, stop)``: run only these layers (no cache); the final norm only
             when ``stop`` is the last layer. ``hidden`` is then the input of layer ``start``.
+          final_norm: False: stop after the last layer's output, without the inserts on top of
+            it and the final norm (the input of "layer ``num_layers``").
 
         Returns:
           (float[B, T, W] hidden states, final-normed when the last layer ran; updated cache or None).
@@ -421,7 +425,11 @@ class LlamaLM(nnx.Module):
             layer_at = lambda index: scan.take(layer_graph, layer_state, index)
         else:
             layer_at = lambda index: self.layers[index]
-        insert_slot = {layer: slot for slot, layer in enumerate(inserts.layers)} if inserts else {}
+        # {layer: the slots of the inserts before it}; at ``num_layers``: after the last layer.
+        insert_slots: dict[int, list[int]] = {}
+        for slot, layer in enumerate(inserts.layers if inserts else ()):
+            insert_slots.setdefault(layer, []).append(slot)
+        insert_slot = {layer: slots[0] for layer, slots in insert_slots.items()}  # the scan's: one per layer
         if inserts and config.scan_layers:
             insert_graph, insert_state = nnx.split(inserts.modules)
             insert_at = lambda slot: scan.take(insert_graph, insert_state, slot)
@@ -432,10 +440,13 @@ class LlamaLM(nnx.Module):
 
         new_caches: dict[int, tuple[jax.Array, jax.Array]] = {}
 
-        def unscanned(index, hiddens):
-            if index in insert_slot:
-                slot = insert_slot[index]
+        def run_inserts(index, hiddens):
+            for slot in insert_slots.get(index, ()):
                 hiddens = run_insert(insert_at(slot), hiddens, insert_input(slot))
+            return hiddens
+
+        def unscanned(index, hiddens):
+            hiddens = run_inserts(index, hiddens)
             layer_cache = None if cache is None else (cache.keys[index], cache.values[index])
             graph, state = nnx.split(layer_at(index))
 
@@ -459,7 +470,8 @@ class LlamaLM(nnx.Module):
         for index in range(first + periods * period, stop_layer):
             hiddens = unscanned(index, hiddens)
 
-        if stop_layer == config.num_layers:
+        if stop_layer == config.num_layers and final_norm:
+            hiddens = run_inserts(stop_layer, hiddens)  # on top of the last layer (XAttnConfig 'graft')
             hiddens = tuple(layers.apply_norm(self.final_norm, stream) for stream in hiddens)
         hidden = hiddens if streams else hiddens[0]
         if cache is None:
@@ -477,8 +489,8 @@ class LlamaLM(nnx.Module):
         if not inserts:
             return start, stop - start, 1
         inside = [layer for layer in inserts.layers if start <= layer < stop]
-        if not inside:
-            return stop, 0, 1
+        if not inside:  # every insert below or above the span (XAttnConfig 'graft'): a plain scan
+            return start, stop - start, 1
         first, period = inside[0], inserts.every
         periods = 0
         while (
@@ -497,6 +509,7 @@ class LlamaLM(nnx.Module):
         caches go into ``new_caches``."""
         layer_graph, layer_state = nnx.split(self.layers)
         xs = {"layers": scan.segment(layer_state, first, periods, period)}
+        inserts = inserts if first in insert_slot else None  # none inside the scanned span
         if inserts:
             insert_graph, insert_state = nnx.split(inserts.modules)
             slot = insert_slot[first]

@@ -4,6 +4,11 @@ A fixed number of learned latents cross-attend to concat(visual features, latent
 time embeddings are added to video frames first (interpolated when a clip has more frames than
 were seen in training). Parameter layout follows OpenFlamingo's ``PerceiverResampler`` so its
 checkpoints import one-to-one.
+
+``ResamplerConfig.kind`` swaps it for the alternatives of the paper's ablation (Table 3 (vi)):
+'mlp' (a residual MLP on each visual feature) and 'transformer' (self-attention layers over a
+medium's features); both keep every feature (frames x positions visual tokens per medium, not a
+fixed number of latents).
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ from flax import nnx
 from flamingo_jax.models import layers
 
 
+KINDS = ("perceiver", "mlp", "transformer")
+
+
 @dataclasses.dataclass(frozen=True)
 class ResamplerConfig:
     """Paper defaults: 64 latents, depth 6, squared-ReLU FFW x4 (Section 2.1, Appendix B.1.1).
@@ -26,8 +34,13 @@ class ResamplerConfig:
     feeding the paper's 1536-wide resampler). The paper's 194M resampler parameters come out
     with 16 heads of 128. ``qk_norm``: a LayerNorm over each head's queries and keys (IDEFICS's
     ``qk_layer_norms_perceiver``).
+
+    ``kind``: 'perceiver' (the paper's), or the ablation's 'mlp' / 'transformer' (``depth``
+    residual layers on the features themselves, of ``width``; no latents, so ``num_latents`` is
+    unused and a medium gives as many visual tokens as its features: :meth:`tokens_per_medium`).
     """
 
+    kind: str = "perceiver"
     width: int = 1536
     input_dim: int | None = None
     depth: int = 6
@@ -43,9 +56,16 @@ class ResamplerConfig:
     dtype: str = "float32"
 
     def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"ResamplerConfig.kind must be one of {KINDS}, got {self.kind!r}")
         layers.activation(self.activation)
         if self.max_frames < 0:
             raise ValueError(f"ResamplerConfig.max_frames must be >= 0 (0: no time embeddings), got {self.max_frames}")
+
+    def tokens_per_medium(self, features_per_frame: int, num_frames: int = 1) -> int:
+        """Visual tokens the resampler gives one medium of ``num_frames`` frames of
+        ``features_per_frame`` vision features each."""
+        return self.num_latents if self.kind == "perceiver" else num_frames * features_per_frame
 
 
 class PerceiverAttention(nnx.Module):
@@ -130,6 +150,46 @@ class ResamplerLayer(nnx.Module):
         )
 
 
+class SelfAttention(nnx.Module):
+    """Pre-norm multi-head self-attention over a medium's features (``kind='transformer'``)."""
+
+    def __init__(self, config: ResamplerConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        inner = config.num_heads * config.head_dim
+        dense = lambda i, o, names: layers.Dense(
+            i, o, names, param_dtype=config.param_dtype, dtype=config.dtype, rngs=rngs
+        )
+        self.norm = layers.layer_norm(config.width, eps=config.norm_eps, param_dtype=config.param_dtype, rngs=rngs)
+        self.to_q = dense(config.width, inner, ("embed", "heads"))
+        self.to_k = dense(config.width, inner, ("embed", "heads"))
+        self.to_v = dense(config.width, inner, ("embed", "heads"))
+        self.to_out = dense(inner, config.width, ("heads", "embed"))
+
+    def __call__(self, x):
+        """float[B, S, D] -> float[B, S, D]."""
+        config = self.config
+        x = layers.apply_norm(self.norm, x)
+        heads = lambda t: t.reshape(t.shape[0], t.shape[1], config.num_heads, config.head_dim)
+        out = layers.dot_product_attention(heads(self.to_q(x)), heads(self.to_k(x)), heads(self.to_v(x)), None)
+        return self.to_out(out.reshape(out.shape[0], out.shape[1], -1))
+
+
+class TokenLayer(nnx.Module):
+    """A residual layer on every feature: self-attention ('transformer') and a feed-forward."""
+
+    def __init__(self, config: ResamplerConfig, *, rngs: nnx.Rngs):
+        self.attention = SelfAttention(config, rngs=rngs) if config.kind == "transformer" else None
+        self.ffw = FeedForward(
+            config.width,
+            config.ffw_mult,
+            config.activation,
+            norm_eps=config.norm_eps,
+            param_dtype=config.param_dtype,
+            dtype=config.dtype,
+            rngs=rngs,
+        )
+
+
 def frame_embeddings(table: jax.Array, num_frames: int) -> jax.Array:
     """float[max_frames, D] -> float[num_frames, D]; linear interpolation past max_frames.
 
@@ -147,7 +207,8 @@ def frame_embeddings(table: jax.Array, num_frames: int) -> jax.Array:
 
 
 class PerceiverResampler(nnx.Module):
-    """float[B, N, F, V, input_dim] media features -> float[B, N, num_latents, width]."""
+    """float[B, N, F, V, input_dim] media features -> float[B, N, num_latents, width] (with
+    ``kind`` 'mlp' or 'transformer': float[B, N, F * V, width])."""
 
     def __init__(self, config: ResamplerConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -164,9 +225,13 @@ class PerceiverResampler(nnx.Module):
             )
         else:
             self.input_proj = None
-        self.latents = nnx.Param(
-            init(rngs.params(), (config.num_latents, config.width), config.param_dtype),
-            out_sharding=("latents", "embed"),
+        self.latents = (
+            nnx.Param(
+                init(rngs.params(), (config.num_latents, config.width), config.param_dtype),
+                out_sharding=("latents", "embed"),
+            )
+            if config.kind == "perceiver"
+            else None
         )
         # OpenFlamingo's released models have no time embeddings: max_frames=0 leaves them out.
         self.frame_embed = (
@@ -177,7 +242,8 @@ class PerceiverResampler(nnx.Module):
             if config.max_frames
             else None
         )
-        self.layers = nnx.List([ResamplerLayer(config, rngs=rngs) for _ in range(config.depth)])
+        layer = ResamplerLayer if config.kind == "perceiver" else TokenLayer
+        self.layers = nnx.List([layer(config, rngs=rngs) for _ in range(config.depth)])
         self.norm = layers.layer_norm(config.width, eps=config.norm_eps, param_dtype=config.param_dtype, rngs=rngs)
 
     def __call__(self, features: jax.Array) -> jax.Array:
@@ -197,14 +263,22 @@ class PerceiverResampler(nnx.Module):
         x = x.reshape(batch * num_media, num_frames * num_tokens, -1)
         if self.input_proj is not None:
             x = self.input_proj(x)
-        latents = jnp.broadcast_to(
-            self.latents[...].astype(dtype), (batch * num_media, config.num_latents, config.width)
-        )
         values = {"input": x}
-        for index, layer in enumerate(self.layers):
-            latents = latents + layer.attention(x, latents)
-            latents = latents + layer.ffw(latents)
-            values[f"layer{index}"] = latents
+        if config.kind == "perceiver":
+            latents = jnp.broadcast_to(
+                self.latents[...].astype(dtype), (batch * num_media, config.num_latents, config.width)
+            )
+            for index, layer in enumerate(self.layers):
+                latents = latents + layer.attention(x, latents)
+                latents = latents + layer.ffw(latents)
+                values[f"layer{index}"] = latents
+        else:  # the ablation's MLP / Transformer: every feature is a visual token
+            latents = x
+            for index, layer in enumerate(self.layers):
+                if layer.attention is not None:
+                    latents = latents + layer.attention(latents)
+                latents = latents + layer.ffw(latents)
+                values[f"layer{index}"] = latents
         out = layers.apply_norm(self.norm, latents)
-        values["output"] = out.reshape(batch, num_media, config.num_latents, config.width)
+        values["output"] = out.reshape(batch, num_media, out.shape[1], config.width)
         return values

@@ -21,12 +21,13 @@ from jax.ad_checkpoint import checkpoint_name
 from flamingo_jax.models import layers, scan
 from flamingo_jax.models.resampler import FeedForward
 
-PLACEMENTS = ("paper", "openflamingo")
+PLACEMENTS = ("paper", "openflamingo", "graft")
 ATTEND_MODES = ("last", "all_previous")
 INITS = ("paper", "zero_output")
 NORMS = ("layer", "rms")
 FFWS = ("mlp", "swiglu")
 GATE_SHAPES = ("scalar", "vector")
+GATINGS = ("tanh", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +37,10 @@ class XAttnConfig:
     Attributes:
       every: insert a block before every ``every``-th LM layer (3B: 1, 9B: 4, 80B: 7).
       placement: 'paper' inserts before layers i with ``i % every == 0`` (from the first layer);
-        'openflamingo' before layers with ``(i + 1) % every == 0``.
+        'openflamingo' before layers with ``(i + 1) % every == 0``; 'graft' runs as many blocks
+        as 'paper' would, one after the other on top of the frozen LM's last layer (before its
+        final norm): the Flamingo paper's GRAFTING row (Table 3 (iv)), where no frozen layer
+        sees an image and training backpropagates through none of them.
       num_heads, head_dim: attention shape; ``head_dim=None`` means LM width / num_heads (paper),
         OpenFlamingo uses 8 x 64.
       attend: 'last' (each token sees only the last preceding image, the paper's default) or
@@ -53,6 +57,11 @@ class XAttnConfig:
       ffw_dim: the feed-forward's hidden width; None: LM width x ``ffw_mult``.
       qk_norm: an RMSNorm over each head's queries and keys (IDEFICS's ``qk_layer_norms``).
       gate_shape: 'scalar' alphas (the paper) or one per channel, 'vector' (IDEFICS's option).
+      gating: 'tanh' (``y + tanh(alpha) * f(y)``) or 'none': the outputs added to the residual
+        directly, no alphas (the paper's "w/o tanh gating", Table 3 (iii)); with ``init='paper'``
+        the random output projections then make the initial model differ from the frozen LM.
+      dense: False drops the gated feed-forward (the paper's VANILLA XATTN row, Table 3 (iv)):
+        each block is a (gated) cross-attention alone.
     """
 
     every: int = 1
@@ -71,9 +80,11 @@ class XAttnConfig:
     ffw_dim: int | None = None
     qk_norm: bool = False
     gate_shape: str = "scalar"
+    gating: str = "tanh"
+    dense: bool = True
 
     def __post_init__(self):
-        for name, allowed in (("norm", NORMS), ("ffw", FFWS), ("gate_shape", GATE_SHAPES)):
+        for name, allowed in (("norm", NORMS), ("ffw", FFWS), ("gate_shape", GATE_SHAPES), ("gating", GATINGS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"XAttnConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.init not in INITS:
@@ -89,8 +100,9 @@ class XAttnConfig:
         layers.activation(self.activation)
 
     def layer_indices(self, num_lm_layers: int) -> tuple[int, ...]:
-        """LM layer indices that get a cross-attention block inserted before them."""
-        offset = 0 if self.placement == "paper" else 1
+        """LM layer indices that get a cross-attention block inserted before them, one per block
+        (with 'graft', ``num_lm_layers`` for each: after the last layer)."""
+        offset = 1 if self.placement == "openflamingo" else 0
         indices = tuple(
             i for i in range(self.first_layer, num_lm_layers) if (i - self.first_layer + offset) % self.every == 0
         )
@@ -98,7 +110,7 @@ class XAttnConfig:
             raise ValueError(
                 f"XAttnConfig places no block in a {num_lm_layers}-layer LM (first_layer={self.first_layer})"
             )
-        return indices
+        return (num_lm_layers,) * len(indices) if self.placement == "graft" else indices
 
 
 def media_attention_mask(image_index: jax.Array, image_mask: jax.Array, num_latents: int, attend: str) -> jax.Array:
@@ -138,9 +150,16 @@ class GatedCrossAttentionBlock(nnx.Module):
             self.q_norm = self.k_norm = None
         gate = config.gate_init if config.init == "zero_output" else 0.0
         gate_shape, gate_names = ((), ()) if config.gate_shape == "scalar" else ((lm_width,), ("norm",))
-        self.attn_gate = nnx.Param(jnp.full(gate_shape, gate, jnp.float32), out_sharding=gate_names)
+        make_gate = lambda: (
+            nnx.Param(jnp.full(gate_shape, gate, jnp.float32), out_sharding=gate_names)
+            if config.gating == "tanh"
+            else None
+        )
+        self.attn_gate = make_gate()
         hidden = config.ffw_dim or lm_width * config.ffw_mult
-        if config.ffw == "mlp":
+        if not config.dense:
+            self.ffw = None
+        elif config.ffw == "mlp":
             self.ffw = FeedForward(
                 lm_width,
                 config.ffw_mult,
@@ -154,9 +173,10 @@ class GatedCrossAttentionBlock(nnx.Module):
             )
         else:
             self.ffw = GatedFeedForward(lm_width, hidden, config, param_dtype=param_dtype, dtype=dtype, rngs=rngs)
-        self.ffw_gate = nnx.Param(jnp.full(gate_shape, gate, jnp.float32), out_sharding=gate_names)
+        self.ffw_gate = make_gate() if config.dense else None
         if config.init == "zero_output":
-            for kernel in (self.to_out.linear.kernel, self.ffw.output.linear.kernel):
+            outputs = (self.to_out,) + ((self.ffw.output,) if self.ffw is not None else ())
+            for kernel in (dense.linear.kernel for dense in outputs):
                 kernel[...] = jnp.zeros_like(kernel[...])
         # Diagnostics (tools/binding.py): when set, each call sows what the block adds to the
         # residual stream, float[B, T, W], as nnx.Intermediate 'delta'.
@@ -185,11 +205,18 @@ class GatedCrossAttentionBlock(nnx.Module):
         # exact zeros for them, so tokens before the first image get zero cross-attention output.
         attended = layers.dot_product_attention(query, media_kv[0], media_kv[1], mask)
         attended = checkpoint_name(self.to_out(attended.reshape(batch, length, -1)), scan.OUT)
-        out = x + jnp.tanh(self.attn_gate[...]).astype(x.dtype) * attended
-        out = out + jnp.tanh(self.ffw_gate[...]).astype(x.dtype) * self.ffw(out)
+        out = x + self._gated(self.attn_gate, attended)
+        if self.ffw is not None:
+            out = out + self._gated(self.ffw_gate, self.ffw(out))
         if self.capture_output:
             self.sow(nnx.Intermediate, "delta", out - x)
         return out
+
+
+    @staticmethod
+    def _gated(gate: nnx.Param | None, update: jax.Array) -> jax.Array:
+        """``tanh(alpha) * update``; the update itself without a gate (``gating='none'``)."""
+        return update if gate is None else jnp.tanh(gate[...]).astype(update.dtype) * update
 
 
 class GatedFeedForward(nnx.Module):
