@@ -126,9 +126,7 @@ def test_grafted_blocks_run_on_top_of_the_frozen_lm(tiny_config):
     # Cached decoding: the blocks on top see each new token, as in the full pass.
     graphdef, state = nnx.split(model)
     media_kv = model.media_kv(model.encode_media(batch.images))
-    step = jax.jit(
-        lambda s, t, i, c: nnx.merge(graphdef, s)(t, i, batch.image_mask, media_kv=media_kv, cache=c)
-    )
+    step = jax.jit(lambda s, t, i, c: nnx.merge(graphdef, s)(t, i, batch.image_mask, media_kv=media_kv, cache=c))
     cache = KVCache.create(config.lm, batch_size=2, max_length=16)
     pieces, cache = step(state, batch.tokens[:, :6], batch.image_index[:, :6], cache)
     pieces = [np.asarray(pieces)]

@@ -21,7 +21,6 @@ from flax import nnx
 
 from flamingo_jax.models import layers
 
-
 KINDS = ("perceiver", "mlp", "transformer")
 
 

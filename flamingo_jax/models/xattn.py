@@ -212,7 +212,6 @@ class GatedCrossAttentionBlock(nnx.Module):
             self.sow(nnx.Intermediate, "delta", out - x)
         return out
 
-
     @staticmethod
     def _gated(gate: nnx.Param | None, update: jax.Array) -> jax.Array:
         """``tanh(alpha) * update``; the update itself without a gate (``gating='none'``)."""
