@@ -5,12 +5,14 @@ stacked on top of the frozen LM), and the cross-attention frequency."""
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
+from flamingo_jax import configs
 from flamingo_jax.models import layers
 from flamingo_jax.models.flamingo import create_flamingo
 from flamingo_jax.models.kinds import count_params
@@ -185,3 +187,31 @@ def test_resampler_alternatives_keep_every_feature(tiny_config, kind):
 def test_unknown_resampler_kind_is_rejected(tiny_config):
     with pytest.raises(ValueError, match="ResamplerConfig.kind must be one of"):
         dataclasses.replace(tiny_config.resampler, kind="qformer")
+
+
+_ABLATION_GINS = {
+    # file: (what it sets, the demo model's blocks: their count and their LM layers)
+    "no_tanh_gating": ({"gating": "none"}, (6, (18, 20, 22, 24, 26, 28))),
+    "vanilla_xattn": ({"dense": False}, (6, (18, 20, 22, 24, 26, 28))),
+    "graft": ({"placement": "graft"}, (6, (30,) * 6)),
+    "xattn_every_1": ({"every": 1}, (12, tuple(range(18, 30)))),
+    "xattn_every_4": ({"every": 4}, (3, (18, 22, 26))),
+    "xattn_once": ({"first_layer": 24}, (1, (24,))),
+    "resampler_mlp": ({}, (6, (18, 20, 22, 24, 26, 28))),
+    "resampler_transformer": ({}, (6, (18, 20, 22, 24, 26, 28))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_ABLATION_GINS))
+def test_ablation_gin_files_on_the_demo(name):
+    """Each experiments/ablations file on top of the demo's: it sets its switch, and the demo's
+    30-layer LM gets the blocks the file's comment says."""
+    configs.parse_gin(["flamingo_jax/demo/demo_cpu.gin", f"ablations/{name}.gin"])
+    model = configs.run_config().model
+    fields, (count, indices) = _ABLATION_GINS[name]
+    assert {key: getattr(model.xattn, key) for key in fields} == fields
+    assert model.xattn_layer_indices == indices and len(indices) == count
+    if name.startswith("resampler_"):
+        assert model.resampler.kind == name.split("_")[1]
+    text = pathlib.Path(configs.resolve_gin_file(f"ablations/{name}.gin")).read_text()
+    assert text.startswith("# Flamingo Table 3 (")  # the paper's row it reproduces
