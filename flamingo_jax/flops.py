@@ -144,7 +144,7 @@ def train_step_flops(
     xattn_inner = xattn.num_heads * (xattn.head_dim or lm.width // xattn.num_heads)
     visual_tokens = num_media * latents
     ffw_hidden = xattn.ffw_dim or lm.width * xattn.ffw_mult
-    ffw_matrices = 3 if xattn.ffw == "swiglu" else 2
+    ffw_matrices = (3 if xattn.ffw == "swiglu" else 2) if xattn.dense else 0  # VANILLA XATTN: none
     block = (
         tokens * (2 * lm.width * xattn_inner * 2 + ffw_matrices * 2 * lm.width * ffw_hidden)
         + media * latents * 2 * 2 * width * xattn_inner
@@ -164,12 +164,39 @@ def train_step_flops(
         )
     )
     scores = 2 * 2 * batch_size * length * length * lm.num_heads * head_dim
-    first = min(config.xattn_layer_indices)
+    lm_trains = "lm" in config.trainable
+    # The backward pass reaches down to the first block, or to the first layer when anything
+    # below it trains: the LM, a LoRA adapter in every layer, or the new tokens' input rows.
+    # A trained LM's weights get gradients too.
+    below = lm_trains or lm.lora_rank or "new_tokens" in config.trainable
+    first = 0 if below else min(config.xattn_layer_indices)
     backward_layers = lm.num_layers - first
-    lm_flops = lm.num_layers * (weight_matmuls + scores) + backward_layers * (weight_matmuls + 2 * scores)
+    lm_flops = lm.num_layers * (weight_matmuls + scores) + backward_layers * (
+        (2 if lm_trains else 1) * weight_matmuls + 2 * scores
+    )
+    if lm.lora_rank:  # forward, the input's gradient and the adapters' own
+        shapes = _projection_shapes(lm)
+        adapters = sum(shapes[name][0] + shapes[name][1] for name in lm.lora_targets if name in shapes)
+        lm_flops += lm.num_layers * 3 * 2 * tokens * lm.lora_rank * adapters
     head = 2 * tokens * lm.width * lm.vocab_size
     new_rows = 2 * tokens * lm.width * 2
-    return vision + 3 * (resampler_flops + xattn_flops) + lm_flops + 2 * head + 3 * new_rows
+    return vision + 3 * (resampler_flops + xattn_flops) + lm_flops + (3 if lm_trains else 2) * head + 3 * new_rows
+
+
+def _projection_shapes(lm) -> dict[str, tuple[int, int]]:
+    """{projection name: (in, out) features} of one LM layer."""
+    heads, kv = lm.num_heads * lm.dim_per_head, lm.num_kv_heads * lm.dim_per_head
+    shapes = {
+        "q_proj": (lm.width, heads),
+        "k_proj": (lm.width, kv),
+        "v_proj": (lm.width, kv),
+        "o_proj": (heads, lm.width),
+        "up_proj": (lm.width, lm.mlp_dim),
+        "down_proj": (lm.mlp_dim, lm.width),
+    }
+    if lm.gated_mlp:
+        shapes["gate_proj"] = (lm.width, lm.mlp_dim)
+    return shapes
 
 
 def contrastive_step_flops(config, batch_size: int, length: int) -> float:

@@ -9,16 +9,17 @@ import pathlib
 
 import jax
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 from flamingo_jax import configs
 from flamingo_jax.models import layers
 from flamingo_jax.models.flamingo import create_flamingo
-from flamingo_jax.models.kinds import count_params
+from flamingo_jax.models.kinds import count_params, trainable_filter
 from flamingo_jax.models.llama import KVCache
 from flamingo_jax.models.xattn import XAttnConfig, media_attention_mask
-from flamingo_jax.train.params import flatten_state
+from flamingo_jax.train.params import flatten_state, path_key
 from flamingo_jax.train.step import gate_values
 
 from conftest import jit_forward, make_batch
@@ -215,3 +216,73 @@ def test_ablation_gin_files_on_the_demo(name):
         assert model.resampler.kind == name.split("_")[1]
     text = pathlib.Path(configs.resolve_gin_file(f"ablations/{name}.gin")).read_text()
     assert text.startswith("# Flamingo Table 3 (")  # the paper's row it reproduces
+
+
+def _lora_config(tiny_config, rank=2, targets=("q_proj", "v_proj", "down_proj")):
+    return dataclasses.replace(
+        tiny_config,
+        lm=dataclasses.replace(tiny_config.lm, lora_rank=rank, lora_targets=targets),
+        trainable=(*tiny_config.trainable, "lora"),
+    )
+
+
+def test_lora_starts_as_the_lm_and_trains_only_its_adapters(tiny_config):
+    """LoRA on chosen projections: the same model at the start (the adapters' B is zero), the
+    frozen weights bit-equal after optimizer steps, and optimizer state for the adapters (and the
+    Flamingo groups) only."""
+    config = _lora_config(tiny_config)
+    model = create_flamingo(config)
+    plain = create_flamingo(tiny_config)
+    batch = make_batch(config)
+    text = batch.tokens % config.lm.vocab_size
+    np.testing.assert_array_equal(np.asarray(model.lm(text)[0]), np.asarray(plain.lm(text)[0]))
+    layer = model.lm.layers[0]
+    assert layer.attention.q_proj.lora_a.shape == (64, 2) and layer.attention.k_proj.lora_a is None
+    assert layer.mlp.down_proj.lora_b.shape == (2, 64)
+    flt = trainable_filter(config)
+    trained = {path_key(p) for p, _ in nnx.to_flat_state(nnx.state(model, flt))}
+    lm_trained = sorted(key for key in trained if key.startswith("lm/"))
+    assert lm_trained and all(key.rsplit("/", 1)[1] in ("lora_a", "lora_b") for key in lm_trained)
+    assert len(lm_trained) == 2 * 3 * config.lm.num_layers  # a and b, three targets, every layer
+    frozen_before = {path_key(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Not(flt)))}
+
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=flt)
+    leaves = jax.tree.leaves(nnx.state(optimizer.opt_state))
+    moments = sum(int(np.size(x)) for x in leaves if np.issubdtype(x.dtype, np.floating))
+    assert moments == 2 * count_params(model, flt)
+
+    @nnx.jit
+    def step(model, optimizer):
+        def loss(model):
+            return model.train_loss(batch)[0]
+
+        grads = nnx.grad(loss, argnums=nnx.DiffState(0, flt))(model)
+        optimizer.update(model, grads)
+
+    for _ in range(3):
+        step(model, optimizer)
+    after = {path_key(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Not(flt)))}
+    assert after.keys() == frozen_before.keys()
+    for key, value in frozen_before.items():
+        np.testing.assert_array_equal(after[key], value, err_msg=key)
+    assert np.abs(np.asarray(model.lm.layers[0].attention.q_proj.lora_b[...])).max() > 0
+
+
+def test_fine_tuning_the_lm_reaches_its_weights(tiny_config):
+    """The paper's unfrozen-LM row: with 'lm' trainable, every LM layer's weights get gradients."""
+    config = dataclasses.replace(tiny_config, trainable=(*tiny_config.trainable, "lm"))
+    model = create_flamingo(config)
+    batch = make_batch(config)
+    grads = nnx.grad(lambda m: m.train_loss(batch)[0], argnums=nnx.DiffState(0, trainable_filter(config)))(model)
+    flat = {path_key(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(grads)}
+    for index in range(config.lm.num_layers):
+        assert np.abs(flat[f"lm/layers/{index}/mlp/down_proj/linear/kernel"]).max() > 0
+
+
+def test_lora_switches_must_agree(tiny_config):
+    with pytest.raises(ValueError, match="'lora' exactly when LlamaConfig.lora_rank > 0"):
+        dataclasses.replace(tiny_config, trainable=(*tiny_config.trainable, "lora"))
+    with pytest.raises(ValueError, match="'lora' exactly when"):
+        dataclasses.replace(tiny_config, lm=dataclasses.replace(tiny_config.lm, lora_rank=4))
+    with pytest.raises(ValueError, match="lora_targets"):
+        dataclasses.replace(tiny_config.lm, lora_targets=("qkv",))

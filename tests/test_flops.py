@@ -27,6 +27,14 @@ def _matmul_heavy_config(placement, family="llama"):
         # cross-attention blocks; an MLP resampler (with 'graft': the blocks on top of the LM).
         "transformer_vanilla": ["ResamplerConfig.kind = 'transformer'", "XAttnConfig.dense = False"],
         "mlp": ["ResamplerConfig.kind = 'mlp'"],
+        # LoRA adapters on every projection (backward through every layer, the adapters' own
+        # gradients); the whole LM trained (its weights' gradients and the head's).
+        "lora": [
+            "LlamaConfig.lora_rank = 16",
+            "LlamaConfig.lora_targets = ('q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj')",
+            "FlamingoConfig.trainable = ('resampler', 'xattn_layers', 'new_tokens', 'lora')",
+        ],
+        "lm_trained": ["FlamingoConfig.trainable = ('resampler', 'xattn_layers', 'new_tokens', 'lm')"],
     }
     model = configs.load_model_config(
         "models/tiny.gin",
@@ -57,8 +65,16 @@ def _matmul_heavy_config(placement, family="llama"):
         ("openflamingo", "llama"),
         ("paper", "gpt_neox"),
         ("paper", "idefics"),
-        ("paper", "transformer_vanilla"),
-        ("graft", "mlp"),
+        # The ablations' (tools.ablate): in the slow step.
+        *(
+            pytest.param(placement, variant, marks=pytest.mark.slow)
+            for placement, variant in [
+                ("paper", "transformer_vanilla"),
+                ("graft", "mlp"),
+                ("paper", "lora"),
+                ("paper", "lm_trained"),
+            ]
+        ),
     ],
 )
 def test_analytic_flops_match_xla(placement, family):

@@ -30,7 +30,8 @@ class FlamingoConfig:
     ``<image>`` and ``<|endofchunk|>``; logits cover ``lm.vocab_size + 2`` entries.
 
     ``trainable`` lists the top-level groups that train (default: resampler, xattn blocks and the
-    new-token rows, as in the paper); adding 'lm' or 'vision' unfreezes those for ablations.
+    new-token rows, as in the paper); adding 'lm' or 'vision' unfreezes those for ablations (the
+    paper's "frozen LM" row), 'lora' trains the LM's LoRA adapters (``lm.lora_rank`` > 0) alone.
     ``trainable_param_dtype`` is the storage dtype of the trainable groups (fp32 by default).
     ``new_tokens``: the texts of those two tokens in prompts and documents (IDEFICS's second is
     ``<fake_token_around_image>``, placed around each image).
@@ -47,11 +48,16 @@ class FlamingoConfig:
     def __post_init__(self):
         if len(self.new_tokens) != len(NEW_TOKENS) or len(set(self.new_tokens)) != len(NEW_TOKENS):
             raise ValueError(f"FlamingoConfig.new_tokens must be two distinct strings, got {self.new_tokens!r}")
-        unknown = set(self.trainable) - set(TRAINABLE_GROUPS) - {"lm", "vision"}
+        unknown = set(self.trainable) - set(TRAINABLE_GROUPS) - {"lm", "vision", "lora"}
         if unknown:
             raise ValueError(
                 f"FlamingoConfig.trainable has unknown groups {sorted(unknown)}; "
-                f"choose from {list(TRAINABLE_GROUPS) + ['lm', 'vision']}"
+                f"choose from {list(TRAINABLE_GROUPS) + ['lm', 'vision', 'lora']}"
+            )
+        if ("lora" in self.trainable) != (self.lm.lora_rank > 0):
+            raise ValueError(
+                "FlamingoConfig.trainable names 'lora' exactly when LlamaConfig.lora_rank > 0 (the LM's "
+                f"adapters): trainable={self.trainable}, lora_rank={self.lm.lora_rank}"
             )
 
     @property

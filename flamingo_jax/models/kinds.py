@@ -78,8 +78,12 @@ def abstract_model(config) -> nnx.Module:
 
 def trainable_filter(config):
     """An nnx filter selecting the trainable parameters (the optimizer holds state for these only):
-    the top-level groups ``config.trainable`` names."""
-    return nnx.All(nnx.Param, nnx.Any(*(nnx.PathContains(group) for group in config.trainable)))
+    the top-level groups ``config.trainable`` names ('lora': every LoRA adapter, wherever it sits)."""
+    groups = [
+        nnx.Any(nnx.PathContains("lora_a"), nnx.PathContains("lora_b")) if group == "lora" else nnx.PathContains(group)
+        for group in config.trainable
+    ]
+    return nnx.All(nnx.Param, nnx.Any(*groups))
 
 
 def count_params(model: nnx.Module, flt=nnx.Param) -> int:

@@ -26,7 +26,11 @@ def annotated(init, names: Sequence[str | None]):
 
 
 class Dense(nnx.Module):
-    """``x @ kernel (+ bias)`` with logical names on the kernel: float[..., in] -> float[..., out]."""
+    """``x @ kernel (+ bias)`` with logical names on the kernel: float[..., in] -> float[..., out].
+
+    ``lora_rank`` > 0 adds a low-rank adapter (LoRA, Hu et al. 2021): ``+ (x @ lora_a @ lora_b)
+    * lora_alpha / lora_rank``, ``lora_a`` float32[in, rank] random, ``lora_b`` float32[rank, out]
+    zero, so the layer starts as it was; the kernel keeps its path (``linear/kernel``)."""
 
     def __init__(
         self,
@@ -38,8 +42,19 @@ class Dense(nnx.Module):
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,
         kernel_init=_DEFAULT_KERNEL_INIT,
+        lora_rank: int = 0,
+        lora_alpha: float = 16.0,
         rngs: nnx.Rngs,
     ):
+        if lora_rank:
+            init = nnx.initializers.normal(stddev=in_features**-0.5)
+            self.lora_a = nnx.Param(
+                init(rngs.lora(), (in_features, lora_rank), jnp.float32), out_sharding=(names[0], None)
+            )
+            self.lora_b = nnx.Param(jnp.zeros((lora_rank, out_features), jnp.float32), out_sharding=(None, names[1]))
+            self.lora_scale = lora_alpha / lora_rank
+        else:
+            self.lora_a = self.lora_b = None
         self.linear = nnx.Linear(
             in_features,
             out_features,
@@ -52,7 +67,11 @@ class Dense(nnx.Module):
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.linear(x)
+        out = self.linear(x)
+        if self.lora_a is None:
+            return out
+        low = jnp.dot(x, self.lora_a[...].astype(x.dtype))
+        return out + (jnp.dot(low, self.lora_b[...].astype(x.dtype)) * self.lora_scale).astype(out.dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -238,17 +257,26 @@ class CountingRngs:
     update makes flax probe ``tracer.sharding``, whose error message walks the whole jaxpr, so
     tracing an init is quadratic in the number of parameters (~1 min for 80B, ~10 s even for the
     tiny test model). Deterministic: the same seed gives the same parameters on any mesh.
+    ``params`` (and any stream not in :data:`SEPARATE_STREAMS`) share one counter; a separate
+    stream (``lora``) counts on its own key, so optional parameters leave the others' draws as
+    they were.
     """
+
+    SEPARATE_STREAMS = ("lora",)
 
     def __init__(self, seed: int):
         self._key = jax.random.key(seed)
-        self._draws = 0
+        self._draws = {}
 
-    def __call__(self):
-        self._draws += 1
-        return jax.random.fold_in(self._key, self._draws)
+    def __call__(self, stream: str = "params"):
+        stream = stream if stream in self.SEPARATE_STREAMS else "params"
+        self._draws[stream] = self._draws.get(stream, 0) + 1
+        key = self._key
+        if stream != "params":
+            key = jax.random.fold_in(key, 2**32 - 1 - self.SEPARATE_STREAMS.index(stream))
+        return jax.random.fold_in(key, self._draws[stream])
 
     def __getattr__(self, stream: str):
         if stream.startswith("_"):
             raise AttributeError(stream)
-        return self.__call__
+        return lambda: self(stream)

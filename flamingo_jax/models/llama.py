@@ -33,6 +33,10 @@ FAMILIES = {
 }
 
 
+# The projections LoRA adapters can wrap (LlamaConfig.lora_targets).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
     """Shape and numerics of a decoder LM (named for its first family, Llama).
@@ -51,6 +55,9 @@ class LlamaConfig:
     with one ``lax.scan`` (``flamingo_jax.models.scan``): one compiled layer instead of
     ``num_layers``, and under FSDP one period's weights gathered at a time. ``remat_policy``
     names what the backward pass keeps of each layer's forward pass (``scan.REMAT_POLICIES``).
+    ``lora_rank`` > 0 gives the projections ``lora_targets`` low-rank adapters
+    (:class:`layers.Dense`) scaled by ``lora_alpha / lora_rank``: fine-tuning the LM through them
+    alone (the model's ``trainable`` then names 'lora').
     """
 
     vocab_size: int = 32000
@@ -76,9 +83,17 @@ class LlamaConfig:
     dtype: str = "float32"
     scan_layers: bool = False
     remat_policy: str = "none"
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 
     def __post_init__(self):
         scan.check_policy(self.remat_policy, "LlamaConfig")
+        if self.lora_rank < 0:
+            raise ValueError(f"LlamaConfig.lora_rank must be >= 0, got {self.lora_rank}")
+        unknown = set(self.lora_targets) - set(LORA_TARGETS)
+        if unknown:
+            raise ValueError(f"LlamaConfig.lora_targets: {sorted(unknown)} are not among {LORA_TARGETS}")
         if self.family not in FAMILIES:
             raise ValueError(f"LlamaConfig.family={self.family!r} is not one of {sorted(FAMILIES)}")
         layers.activation(self.mlp_activation)  # raises naming the choices
@@ -184,17 +199,23 @@ class KVCache:
         return self.valid.shape[1]
 
 
+def _dense_options(config: LlamaConfig, name: str) -> dict:
+    """The dtypes and (for a ``lora_targets`` projection) the LoRA adapter of projection ``name``."""
+    lora = config.lora_rank if name in config.lora_targets else 0
+    return dict(param_dtype=config.param_dtype, dtype=config.dtype, lora_rank=lora, lora_alpha=config.lora_alpha)
+
+
 class Attention(nnx.Module):
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
         self.config = config
         head_dim = config.dim_per_head
-        dense = lambda i, o, names: layers.Dense(
-            i, o, names, use_bias=config.attention_bias, param_dtype=config.param_dtype, dtype=config.dtype, rngs=rngs
+        dense = lambda name, i, o, names: layers.Dense(
+            i, o, names, use_bias=config.attention_bias, **_dense_options(config, name), rngs=rngs
         )
-        self.q_proj = dense(config.width, config.num_heads * head_dim, ("embed", "heads"))
-        self.k_proj = dense(config.width, config.num_kv_heads * head_dim, ("embed", "kv_heads"))
-        self.v_proj = dense(config.width, config.num_kv_heads * head_dim, ("embed", "kv_heads"))
-        self.o_proj = dense(config.num_heads * head_dim, config.width, ("heads", "embed"))
+        self.q_proj = dense("q_proj", config.width, config.num_heads * head_dim, ("embed", "heads"))
+        self.k_proj = dense("k_proj", config.width, config.num_kv_heads * head_dim, ("embed", "kv_heads"))
+        self.v_proj = dense("v_proj", config.width, config.num_kv_heads * head_dim, ("embed", "kv_heads"))
+        self.o_proj = dense("o_proj", config.num_heads * head_dim, config.width, ("heads", "embed"))
         if config.qk_norm:
             self.q_norm = make_norm(config, config.num_heads * head_dim)
             self.k_norm = make_norm(config, config.num_kv_heads * head_dim)
@@ -248,15 +269,15 @@ def rotate(x: jax.Array, positions: jax.Array, config: LlamaConfig) -> jax.Array
 
 class MLP(nnx.Module):
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
-        dense = lambda i, o, names: layers.Dense(
-            i, o, names, use_bias=config.mlp_bias, param_dtype=config.param_dtype, dtype=config.dtype, rngs=rngs
+        dense = lambda name, i, o, names: layers.Dense(
+            i, o, names, use_bias=config.mlp_bias, **_dense_options(config, name), rngs=rngs
         )
         self.activation = config.mlp_activation
         self.gated = config.gated_mlp
         if config.gated_mlp:
-            self.gate_proj = dense(config.width, config.mlp_dim, ("embed", "mlp"))
-        self.up_proj = dense(config.width, config.mlp_dim, ("embed", "mlp"))
-        self.down_proj = dense(config.mlp_dim, config.width, ("mlp", "embed"))
+            self.gate_proj = dense("gate_proj", config.width, config.mlp_dim, ("embed", "mlp"))
+        self.up_proj = dense("up_proj", config.width, config.mlp_dim, ("embed", "mlp"))
+        self.down_proj = dense("down_proj", config.mlp_dim, config.width, ("mlp", "embed"))
 
     def __call__(self, x):
         activation = layers.activation(self.activation)
