@@ -200,6 +200,9 @@ _ABLATION_GINS = {
     "xattn_once": ({"first_layer": 24}, (1, (24,))),
     "resampler_mlp": ({}, (6, (18, 20, 22, 24, 26, 28))),
     "resampler_transformer": ({}, (6, (18, 20, 22, 24, 26, 28))),
+    "lm_finetuned": ({}, (6, (18, 20, 22, 24, 26, 28))),
+    "lm_lora": ({}, (6, (18, 20, 22, 24, 26, 28))),
+    "mixture_sampled": ({}, (6, (18, 20, 22, 24, 26, 28))),
 }
 
 
@@ -214,8 +217,12 @@ def test_ablation_gin_files_on_the_demo(name):
     assert model.xattn_layer_indices == indices and len(indices) == count
     if name.startswith("resampler_"):
         assert model.resampler.kind == name.split("_")[1]
+    if name.startswith("lm_"):
+        assert ("lm" in model.trainable) == (name == "lm_finetuned")
+        assert model.lm.lora_rank == (16 if name == "lm_lora" else 0)
+    assert (configs.run_config().mixture_strategy == "sample") == (name == "mixture_sampled")
     text = pathlib.Path(configs.resolve_gin_file(f"ablations/{name}.gin")).read_text()
-    assert text.startswith("# Flamingo Table 3 (")  # the paper's row it reproduces
+    assert text.startswith("# Flamingo Table 3 (") or name == "lm_lora"  # the paper's row it reproduces
 
 
 def _lora_config(tiny_config, rank=2, targets=("q_proj", "v_proj", "down_proj")):
