@@ -16,7 +16,7 @@ from flamingo_jax.train.writer import read_metrics
 log = logging.getLogger(__name__)
 
 
-def _records(workdir: str) -> list[dict]:
+def read_records(workdir: str) -> list[dict]:
     records = []
     directory = storage.path(workdir) / "eval"
     for path in sorted(directory.glob("*_*.json")) if directory.exists() else ():
@@ -31,7 +31,7 @@ def write_report(
 ) -> str:
     """Writes the report files; returns the markdown text. ``tasks``: {name: Task} whose images
     the picture grid shows (with what the model answered); none: no picture."""
-    records = _records(workdir)
+    records = read_records(workdir)
     if not records:
         raise FileNotFoundError(f"no evaluation results in {workdir}/eval")
     lines = [f"# Evaluation of {workdir}", ""]
@@ -46,7 +46,7 @@ def write_report(
     for record in sorted(records, key=lambda r: (r["task"], r["step"])):
         results = record["results"]
         metric = next(iter(results.values()))["metric"]
-        queries = _queries(record)
+        queries = queries_of(record)
         cells = []
         for shots in all_shots:
             values = results.get(str(shots))
@@ -57,7 +57,7 @@ def write_report(
     classified = [r for r in records if r["kind"] == "classification"]
     if classified:  # the latest step's accuracies, as the binomial error bar they carry
         record = max(classified, key=lambda r: r["step"])
-        queries = _queries(record)
+        queries = queries_of(record)
         shots = sorted(record["results"], key=int)
         accuracy = [record["results"][s]["accuracy"] for s in shots]
         error = [100 * np.sqrt(a / 100 * (1 - a / 100) / max(queries, 1)) for a in accuracy]
@@ -122,7 +122,7 @@ def paired_differences(record: dict) -> dict[tuple[str, str], tuple[float, float
     return out
 
 
-def _queries(record: dict) -> int:
+def queries_of(record: dict) -> int:
     """How many queries a record's evaluation scored (per shot count and seed)."""
     per_seed = next(iter(record["predictions"].values()))
     return len(next(iter(per_seed.values())))

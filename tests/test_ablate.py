@@ -1,0 +1,127 @@
+"""The ablation runner (``tools.ablate``): its table from evaluation records, which rows get a
+second seed, and (slow) a whole table trained and evaluated on the smoke model, then resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_episodes import COLOURS, colour_image
+
+from flamingo_jax.tools import ablate
+
+
+def _record(task: str, kind: str, step: int, results: dict, queries: int = 100) -> dict:
+    rows = [{"id": str(i), "label": 0, "scores": [0.0], "prediction": ""} for i in range(queries)]
+    return {
+        "task": task,
+        "kind": kind,
+        "step": step,
+        "results": results,
+        "predictions": {shots: {"0": rows} for shots in results},
+    }
+
+
+def _write(run_dir, *records):
+    os.makedirs(run_dir / "eval", exist_ok=True)
+    for record in records:
+        (run_dir / "eval" / f"{record['task']}_{record['step']}.json").write_text(json.dumps(record))
+
+
+def test_cells_take_the_latest_step_and_each_kind_of_standard_error(tmp_path):
+    accuracy = lambda a: {"accuracy": a, "accuracy_std": 0.0, "metric": "accuracy"}
+    _write(
+        tmp_path,
+        _record("fashion_mnist", "classification", 0, {"0": accuracy(10.0)}),
+        _record("fashion_mnist", "classification", 300, {"0": accuracy(80.0), "4": accuracy(84.0)}),
+        _record("binding", "episodes", 300, {"4": {**accuracy(70.0), "accuracy_se": 2.5}}),
+        _record("coco", "captioning", 300, {"0": {"CIDEr": 40.0, "CIDEr_std": 1.5, "metric": "CIDEr"}}),
+    )
+    cells = ablate.cells(str(tmp_path))
+    assert cells["fashion_mnist:0"] == pytest.approx((80.0, 100 * np.sqrt(0.8 * 0.2 / 100), "accuracy"))
+    assert cells["fashion_mnist:4"][0] == 84.0
+    assert cells["binding:4"] == (70.0, 2.5, "accuracy")
+    assert cells["coco:0"] == (40.0, 1.5, "CIDEr")
+    assert ablate.default_primary(cells) == "binding:4"  # the first task by name, its most shots
+
+
+def test_seeds_combine_and_which_rows_are_close():
+    seeds = [{"t:4": (70.0, 3.0, "accuracy")}, {"t:4": (74.0, 4.0, "accuracy")}]
+    assert ablate.combine(seeds)["t:4"] == pytest.approx((72.0, 2.5, "accuracy"))
+    baseline = (70.0, 3.0)
+    assert ablate.close_to(baseline, (78.0, 4.0))  # 8 <= 2 * 5
+    assert not ablate.close_to(baseline, (59.0, 4.0))
+
+
+def test_unknown_row_is_named_before_anything_trains(tmp_path):
+    with pytest.raises(FileNotFoundError, match="ablation row 'no_such_row'"):
+        ablate.ablate(["no_such_row"], ["runs/smoke_cpu.gin"], [], str(tmp_path))
+    assert not os.listdir(tmp_path)
+
+
+def _episodes_file(directory) -> str:
+    from flamingo_jax.data import episodes as ep
+
+    rng = np.random.default_rng(0)
+    for name, rgb in COLOURS.items():
+        for i in range(3):
+            Image.fromarray(colour_image(rgb, i)).save(directory / f"{name}{i}.png")
+    episodes = []
+    for index in range(6):
+        names = [list(COLOURS)[i] for i in rng.choice(len(COLOURS), 2, replace=False)]
+        words = ["dax", "wug"]
+        demos = tuple(ep.Shot(f"{n}0.png", w) for n, w in zip(names, words, strict=True))
+        episodes.append(ep.Episode(demos, ep.Shot(f"{names[index % 2]}2.png", words[index % 2]), tuple(words)))
+    path = directory / "episodes.jsonl"
+    ep.write_episodes(str(path), episodes)
+    return str(path)
+
+
+@pytest.mark.slow
+def test_ablation_table_on_the_smoke_model_and_its_resumption(tmp_path):
+    """Two rows on the smoke model (2 steps each), evaluated on an episodes file: each row's runs
+    in its own directory, seed 1 for the baseline (always) and for the row when it is close,
+    the table in markdown and JSON; a rerun trains nothing."""
+    path = _episodes_file(tmp_path)
+    workdir = tmp_path / "table"
+    command = [
+        sys.executable,
+        "-m",
+        "flamingo_jax.tools.ablate",
+        "--gin_file=runs/smoke_cpu.gin",
+        "--rows=baseline,vanilla_xattn",
+        f"--workdir={workdir}",
+        "--primary=episodes:1",
+        "--gin.TRAIN_STEPS=2",
+        "--gin.CHECKPOINT_EVERY=2",
+        "--gin.EvalConfig.tasks=['episodes']",
+        f"--gin.EvalConfig.task_options={{'episodes': {{'path': '{path}'}}}}",
+        "--gin.EvalConfig.seeds=[0]",
+        "--gin.EvalConfig.batch_size=8",
+    ]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1200, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((workdir / "ablations.json").read_text())
+    rows = result["rows"]
+    assert list(rows) == ["baseline", "vanilla_xattn"] and result["primary"] == "episodes:1"
+    assert rows["baseline"]["seeds"] == 2 and len(rows["baseline"]["wall_time_s"]) == 2
+    cell = rows["vanilla_xattn"]["cells"]["episodes:1"]
+    base = rows["baseline"]["cells"]["episodes:1"]
+    assert 0 <= cell["value"] <= 100 and cell["se"] > 0
+    close = abs(cell["value"] - base["value"]) <= 2 * np.hypot(cell["se"], base["se"])
+    assert rows["vanilla_xattn"]["seeds"] in ((2,) if close else (1,))
+    assert rows["vanilla_xattn"]["paper"].startswith("lower (Flamingo Table 3 (iv))")
+    assert (workdir / "vanilla_xattn" / "seed0" / "eval" / "report.md").exists()
+    table = (workdir / "ablations.md").read_text()
+    assert "| row | seeds | episodes 1-shot | Δ episodes:1 |" in table and "| vanilla_xattn |" in table
+    # A rerun finds every run done and only rewrites the table.
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "done before, skipped" in again.stderr
+    assert json.loads((workdir / "ablations.json").read_text())["rows"] == rows
