@@ -1,9 +1,9 @@
 """Ablation runner: trains each row of an ablation table on the same data for the same steps,
 evaluates it with the run's registered tasks and writes the table.
 
-  python -m flamingo_jax.tools.ablate --gin_file=flamingo_jax/demo/demo_cpu.gin \\
+  python -m flamingo_jax.tools.ablate --gin_file=RUN.gin \\
       --rows=baseline,no_tanh_gating,vanilla_xattn,graft --workdir=DIR [--seeds=2] \\
-      [--primary=fashion_mnist:4] [--gin.KEY=VALUE ...]
+      [--primary=TASK:SHOTS] [--gin.KEY=VALUE ...]
 
 A row is ``baseline`` (the gin files alone), the name of a file in ``experiments/ablations/``
 (``no_tanh_gating`` ...) or a path to a gin file, added after the run's gin files. Each row
@@ -37,14 +37,19 @@ from absl import app, flags, logging
 from flamingo_jax import configs, storage
 from flamingo_jax.evaluation import report
 
-_GIN_FILE = flags.DEFINE_multi_string("gin_file", [], "The run's gin files (every row shares them).")
-_GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "Extra bindings for every row; also --gin.KEY=VALUE.")
-_ROWS = flags.DEFINE_list("rows", ["baseline"], "Rows: 'baseline', names in experiments/ablations/, or gin paths.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where each row's runs and the table go.")
-_SEEDS = flags.DEFINE_integer("seeds", 2, "Training seeds for the baseline and the rows close to it (1 or 2).")
-_PRIMARY = flags.DEFINE_string(
-    "primary", None, "TASK:SHOTS deciding the second seeds (default: the first task, most shots)."
-)
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command's flags (defined when it runs, so that importing this module beside
+    ``flamingo_jax.main`` defines nothing twice)."""
+    flags.DEFINE_multi_string("gin_file", [], "The run's gin files (every row shares them).")
+    flags.DEFINE_multi_string("gin_bindings", [], "Extra bindings for every row; also --gin.KEY=VALUE.")
+    flags.DEFINE_list("rows", ["baseline"], "Rows: 'baseline', names in experiments/ablations/, or gin paths.")
+    flags.DEFINE_string("workdir", None, "Where each row's runs and the table go.")
+    flags.DEFINE_integer("seeds", 2, "Training seeds for the baseline and the rows close to it (1 or 2).")
+    flags.DEFINE_string("primary", None, "TASK:SHOTS deciding the second seeds (default: the first task, most shots).")
+
 
 BASELINE = "baseline"
 
@@ -231,18 +236,13 @@ def markdown(result: dict) -> str:
 def main(argv) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if not _WORKDIR.value:
+    if not FLAGS.workdir:
         sys.exit("ablate: --workdir is required")
-    if not _GIN_FILE.value:
+    if not FLAGS.gin_file:
         sys.exit("ablate: give the run's --gin_file(s)")
     try:
         result = ablate(
-            _ROWS.value,
-            _GIN_FILE.value,
-            _GIN_BINDINGS.value,
-            _WORKDIR.value,
-            seeds=_SEEDS.value,
-            primary=_PRIMARY.value,
+            FLAGS.rows, FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.workdir, seeds=FLAGS.seeds, primary=FLAGS.primary
         )
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         sys.exit(f"ablate: {error}")
@@ -250,4 +250,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main, argv=configs.rewrite_gin_args(sys.argv))
