@@ -10,8 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from PIL import Image
-from test_episodes import COLOURS, colour_image
+from test_episodes import COLOURS, write_colour_images
 
 from flamingo_jax.tools import ablate
 
@@ -68,9 +67,7 @@ def _episodes_file(directory) -> str:
     from flamingo_jax.data import episodes as ep
 
     rng = np.random.default_rng(0)
-    for name, rgb in COLOURS.items():
-        for i in range(3):
-            Image.fromarray(colour_image(rgb, i)).save(directory / f"{name}{i}.png")
+    write_colour_images(directory)
     episodes = []
     for index in range(6):
         names = [list(COLOURS)[i] for i in rng.choice(len(COLOURS), 2, replace=False)]

@@ -38,6 +38,13 @@ def colour_image(rgb, seed: int, size: int = 16) -> np.ndarray:
     return np.clip(np.asarray(rgb) + noise, 0, 255).astype(np.uint8)
 
 
+def write_colour_images(directory, per_class: int = 3) -> None:
+    """``directory/<colour><i>.png`` for every colour and i < per_class (episode files' images)."""
+    for name, rgb in COLOURS.items():
+        for i in range(per_class):
+            Image.fromarray(colour_image(rgb, i)).save(directory / f"{name}{i}.png")
+
+
 def colours(per_class: int = 6) -> ep.Collection:
     return ep.Collection(
         "test_colours",

@@ -9,8 +9,7 @@ import os
 
 import numpy as np
 import pytest
-from PIL import Image
-from test_episodes import COLOURS, colour_image  # also registers the 'test_colours' collection
+from test_episodes import COLOURS, write_colour_images  # also registers the 'test_colours' collection
 
 import flamingo_jax.demo  # noqa: F401  (registers the demo's tasks these tests evaluate on)
 from flamingo_jax import configs
@@ -162,9 +161,7 @@ def test_eval_scores_an_episodes_file_and_a_blind_model_scores_chance(evaluated,
     from flamingo_jax.data import episodes as ep
 
     rng = np.random.default_rng(0)
-    for name, rgb in COLOURS.items():
-        for i in range(3):
-            Image.fromarray(colour_image(rgb, i)).save(tmp_path / f"{name}{i}.png")
+    write_colour_images(tmp_path)
     written = []
     for index in range(8):
         shots = 1 + index % 2

@@ -68,14 +68,17 @@ class ResamplerConfig:
 
 
 class PerceiverAttention(nnx.Module):
-    def __init__(self, config: ResamplerConfig, *, rngs: nnx.Rngs):
+    """The latents' attention to concat(media, latents); with ``self_attention`` (the ablation's
+    'transformer' kind) the features' attention to themselves (no media input or its norm)."""
+
+    def __init__(self, config: ResamplerConfig, *, self_attention: bool = False, rngs: nnx.Rngs):
         self.config = config
         inner = config.num_heads * config.head_dim
         dense = lambda i, o, names: layers.Dense(
             i, o, names, param_dtype=config.param_dtype, dtype=config.dtype, rngs=rngs
         )
         norm = lambda: layers.layer_norm(config.width, eps=config.norm_eps, param_dtype=config.param_dtype, rngs=rngs)
-        self.norm_media = norm()
+        self.norm_media = None if self_attention else norm()
         self.norm_latents = norm()
         self.to_q = dense(config.width, inner, ("embed", "heads"))
         self.to_k = dense(config.width, inner, ("embed", "heads"))
@@ -90,11 +93,14 @@ class PerceiverAttention(nnx.Module):
             self.q_norm = self.k_norm = None
 
     def __call__(self, media, latents):
-        """media: float[B, S, D]; latents: float[B, L, D] -> float[B, L, D]."""
+        """media: float[B, S, D] (None with ``self_attention``); latents: float[B, L, D] ->
+        float[B, L, D]."""
         config = self.config
-        media = layers.apply_norm(self.norm_media, media)
         latents = layers.apply_norm(self.norm_latents, latents)
-        kv_input = jnp.concatenate([media, latents], axis=1)
+        if self.norm_media is None:
+            kv_input = latents
+        else:
+            kv_input = jnp.concatenate([layers.apply_norm(self.norm_media, media), latents], axis=1)
         heads = lambda t: t.reshape(t.shape[0], t.shape[1], config.num_heads, config.head_dim)
         query, key = heads(self.to_q(latents)), heads(self.to_k(kv_input))
         if self.q_norm is not None:
@@ -136,48 +142,13 @@ class FeedForward(nnx.Module):
 
 
 class ResamplerLayer(nnx.Module):
-    def __init__(self, config: ResamplerConfig, *, rngs: nnx.Rngs):
-        self.attention = PerceiverAttention(config, rngs=rngs)
-        self.ffw = FeedForward(
-            config.width,
-            config.ffw_mult,
-            config.activation,
-            norm_eps=config.norm_eps,
-            param_dtype=config.param_dtype,
-            dtype=config.dtype,
-            rngs=rngs,
+    """An attention ('cross': the Perceiver's latents to the media; 'self': the ablation's
+    Transformer; None: its MLP) and a feed-forward, each residual."""
+
+    def __init__(self, config: ResamplerConfig, *, attention: str | None = "cross", rngs: nnx.Rngs):
+        self.attention = (
+            None if attention is None else PerceiverAttention(config, self_attention=attention == "self", rngs=rngs)
         )
-
-
-class SelfAttention(nnx.Module):
-    """Pre-norm multi-head self-attention over a medium's features (``kind='transformer'``)."""
-
-    def __init__(self, config: ResamplerConfig, *, rngs: nnx.Rngs):
-        self.config = config
-        inner = config.num_heads * config.head_dim
-        dense = lambda i, o, names: layers.Dense(
-            i, o, names, param_dtype=config.param_dtype, dtype=config.dtype, rngs=rngs
-        )
-        self.norm = layers.layer_norm(config.width, eps=config.norm_eps, param_dtype=config.param_dtype, rngs=rngs)
-        self.to_q = dense(config.width, inner, ("embed", "heads"))
-        self.to_k = dense(config.width, inner, ("embed", "heads"))
-        self.to_v = dense(config.width, inner, ("embed", "heads"))
-        self.to_out = dense(inner, config.width, ("heads", "embed"))
-
-    def __call__(self, x):
-        """float[B, S, D] -> float[B, S, D]."""
-        config = self.config
-        x = layers.apply_norm(self.norm, x)
-        heads = lambda t: t.reshape(t.shape[0], t.shape[1], config.num_heads, config.head_dim)
-        out = layers.dot_product_attention(heads(self.to_q(x)), heads(self.to_k(x)), heads(self.to_v(x)), None)
-        return self.to_out(out.reshape(out.shape[0], out.shape[1], -1))
-
-
-class TokenLayer(nnx.Module):
-    """A residual layer on every feature: self-attention ('transformer') and a feed-forward."""
-
-    def __init__(self, config: ResamplerConfig, *, rngs: nnx.Rngs):
-        self.attention = SelfAttention(config, rngs=rngs) if config.kind == "transformer" else None
         self.ffw = FeedForward(
             config.width,
             config.ffw_mult,
@@ -241,8 +212,8 @@ class PerceiverResampler(nnx.Module):
             if config.max_frames
             else None
         )
-        layer = ResamplerLayer if config.kind == "perceiver" else TokenLayer
-        self.layers = nnx.List([layer(config, rngs=rngs) for _ in range(config.depth)])
+        attention = {"perceiver": "cross", "transformer": "self", "mlp": None}[config.kind]
+        self.layers = nnx.List([ResamplerLayer(config, attention=attention, rngs=rngs) for _ in range(config.depth)])
         self.norm = layers.layer_norm(config.width, eps=config.norm_eps, param_dtype=config.param_dtype, rngs=rngs)
 
     def __call__(self, features: jax.Array) -> jax.Array:
@@ -275,7 +246,7 @@ class PerceiverResampler(nnx.Module):
             latents = x
             for index, layer in enumerate(self.layers):
                 if layer.attention is not None:
-                    latents = latents + layer.attention(latents)
+                    latents = latents + layer.attention(None, latents)
                 latents = latents + layer.ffw(latents)
                 values[f"layer{index}"] = latents
         out = layers.apply_norm(self.norm, latents)
