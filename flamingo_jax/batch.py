@@ -10,6 +10,10 @@
 
 ``loss_mask[b, t]`` weights the prediction made at position t, i.e. the loss of ``tokens[b, t+1]``;
 the last column is ignored.
+
+Token-level models (``FlamingoConfig.connector`` 'mlp' or 'qformer') take the same batches: the
+model, not the data pipeline, places each medium's visual tokens after its ``<image>`` token
+(``flamingo_jax.models.token_fusion``), so one dataset serves both kinds of connector.
 """
 
 from __future__ import annotations

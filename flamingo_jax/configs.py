@@ -15,6 +15,7 @@ import gin
 from flamingo_jax.data.mixture import DatasetConfig
 from flamingo_jax.data.synthetic import SyntheticConfig
 from flamingo_jax.evaluation.fewshot import EvalConfig
+from flamingo_jax.models.connector import ConnectorConfig
 from flamingo_jax.models.contrastive import ContrastiveConfig, TextEncoderConfig
 from flamingo_jax.models.efficientnet import EfficientNetConfig
 from flamingo_jax.models.flamingo import FlamingoConfig
@@ -40,6 +41,7 @@ _CONFIG_CLASSES = (
     ResamplerConfig,
     ViTConfig,
     XAttnConfig,
+    ConnectorConfig,
     MeshConfig,
     OptimizerConfig,
     RunConfig,
@@ -94,7 +96,20 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str] = (), *, finaliz
     # gin keeps its search path globally: set it afresh for these files (no public setter).
     search = ["", *dict.fromkeys(os.path.dirname(os.path.abspath(path)) for path in files), EXPERIMENTS_DIR]
     gin.config._LOCATION_PREFIXES[:] = search  # noqa: SLF001
-    gin.parse_config_files_and_bindings(files, list(bindings), finalize_config=finalize)
+    try:
+        gin.parse_config_files_and_bindings(files, list(bindings), finalize_config=finalize)
+    except TypeError as error:
+        # gin also looks an include up as a Python package ('runs/x.gin': package 'runs'); a
+        # plain directory of that name in the working directory is a namespace package without
+        # a file, which gin 0.5 fails on (os.path.dirname(None)).
+        shadowing = sorted(name for name in os.listdir(".") if name in os.listdir(EXPERIMENTS_DIR))
+        if "NoneType" not in str(error) or not shadowing:
+            raise
+        raise ValueError(
+            f"gin could not resolve an include: the working directory's {shadowing} shadow the folders of "
+            f"{EXPERIMENTS_DIR} for gin's package lookup; run from another directory or rename them "
+            f"(gin: {error})"
+        ) from error
 
 
 def flamingo_config() -> FlamingoConfig:
@@ -125,7 +140,13 @@ def model_gin(config: FlamingoConfig, header: str = "") -> str:
     """Gin text that rebuilds ``config``: every field of its LM, vision, resampler and xattn
     configs (what ``tools.convert`` writes beside weights whose config came from their files)."""
     lines = [f"# {line}" if line else "#" for line in header.splitlines()]
-    parts = {"lm": config.lm, "vision": config.vision, "resampler": config.resampler, "xattn": config.xattn}
+    parts = {
+        "lm": config.lm,
+        "vision": config.vision,
+        "resampler": config.resampler,
+        "xattn": config.xattn,
+        "connector": config.connector,
+    }
     lines += [f"FlamingoConfig.{name} = @{type(part).__name__}()" for name, part in parts.items()]
     for name in ("trainable", "trainable_param_dtype", "new_tokens"):
         lines.append(f"FlamingoConfig.{name} = {getattr(config, name)!r}")

@@ -114,6 +114,8 @@ def train_step_flops(
     config: FlamingoConfig, batch_size: int, length: int, num_media: int, num_frames: int = 1
 ) -> float:
     """FLOPs of one train step on one batch of [batch_size, length] tokens with num_media media."""
+    if config.connector.token_level:
+        return token_fusion_step_flops(config, batch_size, length, num_media, num_frames)
     lm, resampler, xattn = config.lm, config.resampler, config.xattn
     media = batch_size * num_media
     vision = media * num_frames * vision_forward_flops(config.vision)
@@ -152,7 +154,19 @@ def train_step_flops(
     )
     xattn_flops = len(config.xattn_layer_indices) * block
 
-    # Frozen LM.
+    # The backward pass reaches down to the first block, or to the first layer when anything
+    # below it trains: the LM, a LoRA adapter in every layer, or the new tokens' input rows.
+    below = "lm" in config.trainable or lm.lora_rank or "new_tokens" in config.trainable
+    first = 0 if below else min(config.xattn_layer_indices)
+    return vision + 3 * (resampler_flops + xattn_flops) + _lm_train_flops(config, batch_size, length, first)
+
+
+def _lm_train_flops(config: FlamingoConfig, batch_size: int, length: int, first_backward_layer: int) -> float:
+    """The LM's FLOPs in a train step on [batch_size, length] positions: every layer forward, the
+    layers from ``first_backward_layer`` on backward (a trained LM's weights get gradients too),
+    LoRA adapters, the head and the new tokens' rows."""
+    lm = config.lm
+    tokens = batch_size * length
     head_dim = lm.dim_per_head
     weight_matmuls = (
         2
@@ -165,12 +179,7 @@ def train_step_flops(
     )
     scores = 2 * 2 * batch_size * length * length * lm.num_heads * head_dim
     lm_trains = "lm" in config.trainable
-    # The backward pass reaches down to the first block, or to the first layer when anything
-    # below it trains: the LM, a LoRA adapter in every layer, or the new tokens' input rows.
-    # A trained LM's weights get gradients too.
-    below = lm_trains or lm.lora_rank or "new_tokens" in config.trainable
-    first = 0 if below else min(config.xattn_layer_indices)
-    backward_layers = lm.num_layers - first
+    backward_layers = lm.num_layers - first_backward_layer
     lm_flops = lm.num_layers * (weight_matmuls + scores) + backward_layers * (
         (2 if lm_trains else 1) * weight_matmuls + 2 * scores
     )
@@ -180,7 +189,32 @@ def train_step_flops(
         lm_flops += lm.num_layers * 3 * 2 * tokens * lm.lora_rank * adapters
     head = 2 * tokens * lm.width * lm.vocab_size
     new_rows = 2 * tokens * lm.width * 2
-    return vision + 3 * (resampler_flops + xattn_flops) + lm_flops + (3 if lm_trains else 2) * head + 3 * new_rows
+    return lm_flops + (3 if lm_trains else 2) * head + 3 * new_rows
+
+
+def token_fusion_step_flops(
+    config: FlamingoConfig, batch_size: int, length: int, num_media: int, num_frames: int = 1
+) -> float:
+    """FLOPs of one train step of a token-level model (``config.connector`` 'mlp' or 'qformer'):
+    the connector forward and backward per medium, and the LM over the expanded sequence
+    (``length`` + the media's visual tokens), backward down to its first layer (the visual
+    tokens enter there)."""
+    connector, vision_dim = config.connector, config.vision.output_dim
+    media = batch_size * num_media
+    source = num_frames * config.vision.num_output_tokens
+    tokens = connector.tokens_per_medium(config.vision.num_output_tokens, num_frames)
+    if connector.kind == "mlp":
+        per_medium = 2 * source * (vision_dim * config.lm.width + config.lm.width * config.lm.width)
+    else:
+        width, inner = connector.width, connector.num_heads * connector.head_dim
+        self_attention = 4 * 2 * tokens * width * inner + 2 * 2 * tokens * tokens * inner
+        cross = 2 * tokens * width * inner * 2 + 2 * 2 * source * vision_dim * inner + 2 * 2 * tokens * source * inner
+        ffw = 2 * 2 * tokens * width * width * connector.ffw_mult
+        crossing = len(range(0, connector.depth, connector.cross_attention_every))
+        per_medium = connector.depth * (self_attention + ffw) + crossing * cross + 2 * tokens * width * config.lm.width
+    vision = media * num_frames * vision_forward_flops(config.vision)
+    expanded = length + num_media * tokens
+    return vision + 3 * media * per_medium + _lm_train_flops(config, batch_size, expanded, 0)
 
 
 def _projection_shapes(lm) -> dict[str, tuple[int, int]]:

@@ -203,6 +203,8 @@ _ABLATION_GINS = {
     "lm_finetuned": ({}, (6, (18, 20, 22, 24, 26, 28))),
     "lm_lora": ({}, (6, (18, 20, 22, 24, 26, 28))),
     "mixture_sampled": ({}, (6, (18, 20, 22, 24, 26, 28))),
+    "connector_mlp": ({}, (0, ())),
+    "connector_qformer": ({}, (0, ())),
 }
 
 
@@ -221,8 +223,10 @@ def test_ablation_gin_files_on_the_demo(name):
         assert ("lm" in model.trainable) == (name == "lm_finetuned")
         assert model.lm.lora_rank == (16 if name == "lm_lora" else 0)
     assert (configs.run_config().mixture_strategy == "sample") == (name == "mixture_sampled")
+    assert model.connector.kind == (name.split("_")[1] if name.startswith("connector_") else "xattn")
     text = pathlib.Path(configs.resolve_gin_file(f"ablations/{name}.gin")).read_text()
-    assert text.startswith("# Flamingo Table 3 (") or name == "lm_lora"  # the paper's row it reproduces
+    # The paper's row it reproduces (LoRA and the connectors are not in Flamingo's Table 3).
+    assert text.startswith("# Flamingo Table 3 (") or name in ("lm_lora", "connector_mlp", "connector_qformer")
 
 
 def _lora_config(tiny_config, rank=2, targets=("q_proj", "v_proj", "down_proj")):

@@ -177,3 +177,12 @@ def test_binding_recipe_parses_with_the_demo():
     assert eval_config.shots_for(None, "binding_emoji_3way_novel") == (1, 2, 4, 8)
     assert eval_config.shots_for(None, "fashion_mnist") == (0, 4)
     assert eval_config.task_options["binding_emoji_3way_names"]["template"] == "{}."
+
+
+def test_a_directory_shadowing_an_include_folder_is_named(tmp_path, monkeypatch):
+    """A ``runs/`` directory in the working directory (a workdir, say) hides
+    ``experiments/runs/`` from gin's package lookup of an ``include``: the error names it."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(ValueError, match=r"\['runs'\] shadow"):
+        configs.parse_gin(["models/openflamingo_3b.gin", "runs/openflamingo_eval.gin"])

@@ -97,7 +97,10 @@ def _search(
 
     if use_cache:
         prompt_media_kv = model.media_kv(model.encode_media(images))
-        cache = KVCache.create(model.config.lm, batch, total)
+        # A token-level model's prompt also holds its images' visual tokens.
+        cache = KVCache.create(
+            model.config.lm, batch, model.cache_slots(prompt_length, prompt_media_kv) + max_new_tokens
+        )
         logits, cache = model(
             tokens,
             image_index,
@@ -149,7 +152,9 @@ def _search(
         decoder = _take(decoder, source_rows)
         fed = token.reshape(rows, 1)
         if use_cache:
-            logits, decoder = model(fed, last_image, image_mask_rows, media_kv=media_kv, cache=decoder)
+            logits, decoder = model(
+                fed, last_image, image_mask_rows, media_kv=media_kv, cache=decoder, continuation=True
+            )
             last_logits = logits[:, -1]
         else:
             buffer, valid = decoder

@@ -29,7 +29,7 @@ def _prefill(graphdef, state, tokens, input_mask, image_index, image_mask, image
     batch, prompt_length = tokens.shape
     media_kv = model.media_kv(model.encode_media(images))
     # The last class token is only scored, never fed: the cache holds the prompt and the others.
-    cache = KVCache.create(model.config.lm, batch, prompt_length + class_length - 1)
+    cache = KVCache.create(model.config.lm, batch, model.cache_slots(prompt_length, media_kv) + class_length - 1)
     logits, cache = model(
         tokens, image_index, image_mask, media_kv=media_kv, input_mask=input_mask, cache=cache, last_only=True
     )
@@ -51,6 +51,7 @@ def _later_tokens(graphdef, state, cache, media_kv, last_image, image_mask, clas
         media_kv=repeat_rows(media_kv, num_classes),
         input_mask=fed_mask,
         cache=repeat_rows(cache, num_classes),
+        continuation=True,
     )
     logp = jax.nn.log_softmax(class_logits.astype(jnp.float32), axis=-1)  # [rows, L - 1, V]
     # Token j >= 1 of a class is predicted by fed position j - 1 (token 0: by the prompt).

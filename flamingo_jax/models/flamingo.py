@@ -1,5 +1,9 @@
 """The Flamingo model: frozen vision encoder -> Perceiver Resampler -> frozen LM with GATED
 XATTN-DENSE blocks inserted, plus trainable embedding rows for ``<image>`` and ``<|endofchunk|>``.
+
+``FlamingoConfig.connector`` with a token-level kind ('mlp', 'qformer') describes the other design
+(visual tokens in the LM's input): :class:`flamingo_jax.models.token_fusion.TokenFusion`, which
+``flamingo_jax.models.kinds.build`` makes for such a config.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from flax import nnx
 from flamingo_jax import sharding
 from flamingo_jax.batch import NEW_TOKENS, Batch
 from flamingo_jax.models import scan
+from flamingo_jax.models.connector import ConnectorConfig
 from flamingo_jax.models.layers import CountingRngs
 from flamingo_jax.models.llama import Inserts, KVCache, LlamaConfig, LlamaLM
 from flamingo_jax.models.resampler import PerceiverResampler, ResamplerConfig
@@ -21,7 +26,7 @@ from flamingo_jax.models.vit import ViTConfig
 from flamingo_jax.models.xattn import GatedCrossAttentionBlock, XAttnConfig, media_attention_mask
 
 # Top-level module names that hold trainable parameters; everything else is frozen.
-TRAINABLE_GROUPS = ("resampler", "xattn_layers", "new_tokens")
+TRAINABLE_GROUPS = ("resampler", "xattn_layers", "connector", "new_tokens")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +40,9 @@ class FlamingoConfig:
     ``trainable_param_dtype`` is the storage dtype of the trainable groups (fp32 by default).
     ``new_tokens``: the texts of those two tokens in prompts and documents (IDEFICS's second is
     ``<fake_token_around_image>``, placed around each image).
+    ``connector``: 'xattn' (Flamingo's resampler and xattn blocks) or a token-level connector
+    (LLaVA's 'mlp', BLIP-2's 'qformer'), which replaces both: ``resampler`` and ``xattn`` are
+    then unused and the model has no xattn blocks.
     """
 
     lm: LlamaConfig = LlamaConfig()
@@ -44,6 +52,7 @@ class FlamingoConfig:
     trainable: tuple[str, ...] = TRAINABLE_GROUPS
     trainable_param_dtype: str = "float32"
     new_tokens: tuple[str, str] = NEW_TOKENS
+    connector: ConnectorConfig = ConnectorConfig()
 
     def __post_init__(self):
         if len(self.new_tokens) != len(NEW_TOKENS) or len(set(self.new_tokens)) != len(NEW_TOKENS):
@@ -58,6 +67,11 @@ class FlamingoConfig:
             raise ValueError(
                 "FlamingoConfig.trainable names 'lora' exactly when LlamaConfig.lora_rank > 0 (the LM's "
                 f"adapters): trainable={self.trainable}, lora_rank={self.lm.lora_rank}"
+            )
+        if self.connector.token_level and "connector" not in self.trainable:
+            raise ValueError(
+                f"FlamingoConfig.trainable={self.trainable} lacks 'connector': the "
+                f"{self.connector.kind!r} connector would never train"
             )
 
     @property
@@ -78,6 +92,9 @@ class FlamingoConfig:
 
     @property
     def xattn_layer_indices(self) -> tuple[int, ...]:
+        """The LM layers with an xattn block before them (none with a token-level connector)."""
+        if self.connector.token_level:
+            return ()
         return self.xattn.layer_indices(self.lm.num_layers)
 
 
@@ -100,6 +117,11 @@ class NewTokens(nnx.Module):
 
 class Flamingo(nnx.Module):
     def __init__(self, config: FlamingoConfig, *, rngs: nnx.Rngs):
+        if config.connector.token_level:
+            raise ValueError(
+                f"Flamingo: connector {config.connector.kind!r} is token-level; build the model with "
+                "flamingo_jax.models.kinds.build (a TokenFusion)"
+            )
         self.config = config
         trainable_dtype = config.trainable_param_dtype
         self.vision = build_vision_encoder(config.vision, rngs=rngs)
@@ -127,7 +149,18 @@ class Flamingo(nnx.Module):
 
     def encode_media(self, images: jax.Array) -> jax.Array:
         """float[B, N, F, H, W, C] -> visual tokens float[B, N, tokens, resampler.width] (tokens:
-        ``resampler.tokens_per_medium``).
+        ``resampler.tokens_per_medium``)."""
+        features = self.vision_features(images)
+        with jax.named_scope("resampler"):
+            return self.resampler(features)
+
+    def cache_slots(self, length: int, media_kv) -> int:
+        """KV-cache positions a sequence of ``length`` tokens takes (its images take none here)."""
+        del media_kv
+        return length
+
+    def vision_features(self, images: jax.Array) -> jax.Array:
+        """float[B, N, F, H, W, C] -> the vision encoder's features float[B, N, F, V, D].
 
         The vision encoder is frozen: no gradient flows into it (and XLA does no work for one).
         """
@@ -156,9 +189,7 @@ class Flamingo(nnx.Module):
         features = features.reshape(groups, padded, *rest)
         features = sharding.constrain(features, ("act_batch", "media_split") + (None,) * len(rest))[:, :per_group]
         features = sharding.constrain(features, ("act_batch",) + (None,) * (len(rest) + 1))
-        features = features.reshape(batch, num_media, num_frames, *rest)
-        with jax.named_scope("resampler"):
-            return self.resampler(features)
+        return features.reshape(batch, num_media, num_frames, *rest)
 
     def media_kv(self, visual: jax.Array):
         """Per xattn block (keys, values) of the visual tokens; cached once per prompt in decoding.
@@ -192,6 +223,7 @@ class Flamingo(nnx.Module):
         positions: jax.Array | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
+        continuation: bool = False,
     ) -> tuple[jax.Array, KVCache | None]:
         """Next-token logits conditioned on media.
 
@@ -203,10 +235,13 @@ class Flamingo(nnx.Module):
           input_mask, positions, cache: as in :meth:`LlamaLM.backbone`.
           last_only: the logits of the last position only (``T`` = 1 in the result): what a
             prompt's prefill needs, without the vocabulary projection of every prompt token.
+          continuation: the tokens continue the sequence in ``cache`` (decoding); the same
+            computation here (a token-level model does not expand their ``<image>`` tokens).
 
         Returns:
           (float32[B, T, lm.vocab_size + 2] logits, updated KV cache or None).
         """
+        del continuation
         hidden, cache = self._hidden_from(
             0,
             self.embed_tokens(tokens),

@@ -22,6 +22,7 @@ from flamingo_jax import flops
 from flamingo_jax.models.contrastive import ContrastiveConfig, ContrastiveModel
 from flamingo_jax.models.flamingo import Flamingo, FlamingoConfig
 from flamingo_jax.models.layers import CountingRngs
+from flamingo_jax.models.token_fusion import TokenFusion
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,16 +35,21 @@ class ModelKind:
     the other (see ``train.step.make_train_step``)."""
 
     name: str
-    module: type[nnx.Module]
+    module: Callable[..., nnx.Module]
     step_flops: Callable[..., float]
     evaluation: str
     joint_pass: Callable[..., bool] = lambda config: False
 
 
+def _flamingo_module(config: FlamingoConfig, *, rngs) -> Flamingo:
+    """Flamingo, or with a token-level ``config.connector`` its token-fusion counterpart."""
+    return (TokenFusion if config.connector.token_level else Flamingo)(config, rngs=rngs)
+
+
 KINDS: dict[type, ModelKind] = {
     # A scanned Flamingo: each period's weights gathered once per pass for all datasets.
     FlamingoConfig: ModelKind(
-        "flamingo", Flamingo, flops.train_step_flops, "fewshot", joint_pass=lambda config: config.lm.scan_layers
+        "flamingo", _flamingo_module, flops.train_step_flops, "fewshot", joint_pass=lambda config: config.lm.scan_layers
     ),
     ContrastiveConfig: ModelKind(
         "contrastive",

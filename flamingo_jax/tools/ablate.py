@@ -66,6 +66,8 @@ PAPER_DIRECTIONS = {
     "lm_finetuned": "lower (Flamingo Table 3 (viii), catastrophic forgetting of the LM)",
     "lm_lora": "Idefics2: trained backbones (LoRA) help; then token-level fusion overtakes cross-attention",
     "mixture_sampled": "lower (Flamingo Table 3 (ii), round robin against accumulation)",
+    "connector_mlp": "lower (Idefics2 Section 3.1: with frozen backbones cross-attention beats token-level fusion)",
+    "connector_qformer": "lower (Idefics2 Section 3.1, frozen backbones); above the MLP (learned-query pooling)",
 }
 
 

@@ -16,13 +16,17 @@ from flamingo_jax.models.kinds import abstract_model, count_params
 _GIN_FILE = flags.DEFINE_multi_string("gin_file", [], "Model gin file(s), searched in experiments/ too.")
 _GIN_BINDINGS = flags.DEFINE_multi_string("gin_bindings", [], "Extra bindings; also spelled --gin.KEY=VALUE")
 
-COMPONENTS = ("vision", "resampler", "lm", "xattn_layers", "new_tokens")
+COMPONENTS = ("vision", "resampler", "connector", "lm", "xattn_layers", "new_tokens")
 
 
 def summary_rows(config) -> list[tuple[str, int, bool]]:
     """(component, parameter count, trainable) for each top-level component."""
     model = abstract_model(config)
-    return [(name, count_params(getattr(model, name)), name in config.trainable) for name in COMPONENTS]
+    return [
+        (name, count_params(getattr(model, name)), name in config.trainable)
+        for name in COMPONENTS
+        if hasattr(model, name)  # a token-level model has a connector, no resampler or xattn blocks
+    ]
 
 
 def format_summary(rows) -> str:

@@ -17,12 +17,13 @@ FlatParams = dict[str, jax.Array]
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
     """Paper defaults (Appendix B.1.2): AdamW, lr 1e-4 after a 5k-step linear warmup then constant,
-    weight decay 0.1 except on the Perceiver Resampler, global-norm clipping at 1.0."""
+    weight decay 0.1 except on the Perceiver Resampler (and a token-level connector), global-norm
+    clipping at 1.0."""
 
     learning_rate: float = 1e-4
     warmup_steps: int = 5000
     weight_decay: float = 0.1
-    no_decay: tuple[str, ...] = ("resampler",)
+    no_decay: tuple[str, ...] = ("resampler", "connector")
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
