@@ -57,6 +57,26 @@ def test_seeds_combine_and_which_rows_are_close():
     assert not ablate.close_to(baseline, (59.0, 4.0))
 
 
+def test_report_only_tables_the_finished_runs_and_lists_the_pending(tmp_path):
+    """--report_only trains nothing: the rows with a finished run (records, report, wall time)
+    are tabled against the baseline, the others listed as not run yet."""
+    accuracy = lambda a: {"accuracy": a, "accuracy_std": 0.0, "metric": "accuracy"}
+    for row, value in (("baseline", 80.0), ("graft", 70.0)):
+        run_dir = tmp_path / row / "seed0"
+        _write(run_dir, _record("fashion_mnist", "classification", 320, {"4": accuracy(value)}))
+        (run_dir / "eval" / "report.md").write_text("report")
+        (run_dir / "ablate_wall_time_s.txt").write_text("60.0")
+    (tmp_path / "vanilla_xattn" / "seed0").mkdir(parents=True)  # started, not finished
+    rows = ["baseline", "graft", "vanilla_xattn"]
+    result = ablate.ablate(rows, ["runs/smoke_cpu.gin"], [], str(tmp_path), train=False)
+    assert list(result["rows"]) == ["baseline", "graft"] and result["pending"] == ["vanilla_xattn"]
+    assert result["rows"]["graft"]["difference"]["value"] == pytest.approx(-10.0)
+    assert result["rows"]["baseline"]["wall_time_s"] == [60.0]
+    assert "Not run yet: vanilla_xattn." in (tmp_path / "ablations.md").read_text()
+    with pytest.raises(ValueError, match="the baseline has no finished run"):
+        ablate.ablate(rows, ["runs/smoke_cpu.gin"], [], str(tmp_path / "empty"), train=False)
+
+
 def test_unknown_row_is_named_before_anything_trains(tmp_path):
     with pytest.raises(FileNotFoundError, match="ablation row 'no_such_row'"):
         ablate.ablate(["no_such_row"], ["runs/smoke_cpu.gin"], [], str(tmp_path))

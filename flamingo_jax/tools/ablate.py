@@ -15,7 +15,8 @@ baseline and for every row whose primary cell lies within two standard errors of
 (the difference against the standard error of the difference): the rows whose ranking one seed
 cannot settle. ``--seeds=1`` skips the second pass.
 
-Writes ``DIR/ablations.md`` and ``DIR/ablations.json``: per row, each task's metric per shot
+Writes ``DIR/ablations.md`` and ``DIR/ablations.json`` after every finished run (``--report_only``:
+only that, from the runs finished before): per row, each task's metric per shot
 count (the mean over its seeds, ± the standard error: binomial over queries for
 classification, over episodes for episode tasks, the seeds' own spread for other metrics), its
 difference from the baseline on the primary cell, the wall time of its runs, and the direction
@@ -49,6 +50,7 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "Where each row's runs and the table go.")
     flags.DEFINE_integer("seeds", 2, "Training seeds for the baseline and the rows close to it (1 or 2).")
     flags.DEFINE_string("primary", None, "TASK:SHOTS deciding the second seeds (default: the first task, most shots).")
+    flags.DEFINE_bool("report_only", False, "Train nothing: write the table of the runs finished so far.")
 
 
 BASELINE = "baseline"
@@ -161,27 +163,58 @@ def close_to(baseline: tuple, row: tuple) -> bool:
     return abs(row[0] - baseline[0]) <= 2 * np.hypot(row[1], baseline[1])
 
 
-def ablate(rows, gin_files, bindings, workdir: str, *, seeds: int = 2, primary: str | None = None) -> dict:
-    """Runs the table (see the module docstring); returns what ``ablations.json`` holds."""
+def ablate(
+    rows, gin_files, bindings, workdir: str, *, seeds: int = 2, primary: str | None = None, train: bool = True
+) -> dict:
+    """Runs the table (see the module docstring); returns what ``ablations.json`` holds. The
+    table is rewritten after every finished run (the rows finished so far), so a long table
+    shows its progress and a stopped one keeps what it measured. ``train=False`` trains
+    nothing: the table of the runs finished before."""
     if BASELINE not in rows:
         rows = [BASELINE, *rows]
     for row in rows:
         row_gin(row)  # every row's file exists before anything trains
     if seeds not in (1, 2):
         raise ValueError(f"--seeds must be 1 or 2, got {seeds}")
-    wall = {row: [run_row(row, 0, gin_files, bindings, workdir)] for row in rows}
-    seed_cells = {row: [cells(os.path.join(workdir, row_name(row), "seed0"))] for row in rows}
+    for row in rows:
+        if train:
+            run_row(row, 0, gin_files, bindings, workdir)
+        result = write_table(rows, gin_files, bindings, workdir, primary)
+    if seeds == 2:
+        primary = result["primary"]
+        base = cells(os.path.join(workdir, BASELINE, "seed0"))[primary]
+        for row in rows:
+            first = os.path.join(workdir, row_name(row), "seed0")
+            if not _finished(first):
+                continue
+            if row == BASELINE or close_to(base, cells(first).get(primary, base)):
+                if train:
+                    run_row(row, 1, gin_files, bindings, workdir)
+                result = write_table(rows, gin_files, bindings, workdir, primary)
+    return result
+
+
+def _finished(run_dir: str) -> bool:
+    return os.path.exists(os.path.join(run_dir, "eval", "report.md")) and os.path.exists(
+        os.path.join(run_dir, "ablate_wall_time_s.txt")
+    )
+
+
+def write_table(rows, gin_files, bindings, workdir: str, primary: str | None) -> dict:
+    """Writes ``ablations.json`` / ``ablations.md`` from the finished runs of ``rows`` (the
+    baseline's first seed must be one of them); rows with none yet are listed as pending."""
+    seed_dirs = {
+        row: [d for d in (os.path.join(workdir, row_name(row), f"seed{k}") for k in (0, 1)) if _finished(d)]
+        for row in rows
+    }
+    if not seed_dirs[BASELINE]:
+        raise ValueError(f"the baseline has no finished run in {workdir}/{BASELINE}/seed0")
+    seed_cells = {row: [cells(d) for d in dirs] for row, dirs in seed_dirs.items() if dirs}
     primary = primary or default_primary(seed_cells[BASELINE][0])
     if primary not in seed_cells[BASELINE][0]:
         evaluated = sorted(seed_cells[BASELINE][0])
         raise ValueError(f"--primary={primary!r} is not an evaluated cell; the cells: {evaluated}")
-    if seeds == 2:
-        base = seed_cells[BASELINE][0][primary]
-        second = [row for row in rows if row == BASELINE or close_to(base, seed_cells[row][0].get(primary, base))]
-        for row in second:
-            wall[row].append(run_row(row, 1, gin_files, bindings, workdir))
-            seed_cells[row].append(cells(os.path.join(workdir, row_name(row), "seed1")))
-    table = {row: combine(seed_cells[row]) for row in rows}
+    table = {row: combine(per_seed) for row, per_seed in seed_cells.items()}
     result = {
         "gin_files": list(gin_files),
         "bindings": list(bindings),
@@ -192,11 +225,13 @@ def ablate(rows, gin_files, bindings, workdir: str, *, seeds: int = 2, primary: 
                 "seeds": len(seed_cells[row]),
                 "cells": {key: {"value": v, "se": s, "metric": m} for key, (v, s, m) in table[row].items()},
                 "difference": _difference(table[BASELINE], table[row], primary),
-                "wall_time_s": wall[row],
+                "wall_time_s": [float(pathlib.Path(d, "ablate_wall_time_s.txt").read_text()) for d in seed_dirs[row]],
                 "paper": PAPER_DIRECTIONS.get(row_name(row), ""),
             }
             for row in rows
+            if row in seed_cells
         },
+        "pending": [row_name(row) for row in rows if row not in seed_cells],
     }
     storage.write_text(os.path.join(workdir, "ablations.json"), json.dumps(result, indent=1))
     storage.write_text(os.path.join(workdir, "ablations.md"), markdown(result))
@@ -232,6 +267,8 @@ def markdown(result: dict) -> str:
         delta = "" if name == BASELINE or difference is None else f"{difference['value']:+.1f} ± {difference['se']:.1f}"
         minutes = " + ".join(f"{s / 60:.1f}" for s in row["wall_time_s"])
         lines.append(f"| {name} | {row['seeds']} | {values} | {delta} | {minutes} | {row['paper']} |")
+    if result.get("pending"):
+        lines += ["", f"Not run yet: {', '.join(result['pending'])}."]
     return "\n".join(lines) + "\n"
 
 
@@ -244,7 +281,13 @@ def main(argv) -> None:
         sys.exit("ablate: give the run's --gin_file(s)")
     try:
         result = ablate(
-            FLAGS.rows, FLAGS.gin_file, FLAGS.gin_bindings, FLAGS.workdir, seeds=FLAGS.seeds, primary=FLAGS.primary
+            FLAGS.rows,
+            FLAGS.gin_file,
+            FLAGS.gin_bindings,
+            FLAGS.workdir,
+            seeds=FLAGS.seeds,
+            primary=FLAGS.primary,
+            train=not FLAGS.report_only,
         )
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         sys.exit(f"ablate: {error}")
