@@ -58,15 +58,16 @@ def test_expanded_positions_by_hand():
     assert np.asarray(expanded).tolist() == [[False, True, False, True, False], [False, False, True, False, False]]
 
 
-@pytest.mark.parametrize("kind", sorted(CONNECTORS))
-def test_the_lm_reads_each_images_visual_tokens_after_its_image_token(tiny_config, kind):
+@pytest.mark.parametrize(("kind", "frames"), [("mlp", 1), ("qformer", 1), ("mlp", 2)])
+def test_the_lm_reads_each_images_visual_tokens_after_its_image_token(tiny_config, kind, frames):
     """The model equals the plain LM on a hand-built input: each row's text embeddings with each
-    image's N visual tokens right after its ``<image>``; exactly N positions per image."""
+    image's N visual tokens right after its ``<image>``; exactly N positions per image (per
+    video: frames x features with the MLP projector)."""
     model = _model(tiny_config, kind, seed=1)
-    batch = make_batch(tiny_config, batch_size=2, length=12, num_media=3, seed=2)
+    batch = make_batch(tiny_config, batch_size=2, length=12, num_media=3, num_frames=frames, seed=2)
     logits = np.asarray(jit_forward(model)(batch.tokens, batch.image_index, batch.image_mask, batch.images))
     visual = np.asarray(jitted(model, "encode_media")(batch.images))
-    per_medium = _per_medium(model.config)
+    per_medium = _per_medium(model.config, frames)
     assert visual.shape[2] == per_medium
     for row in range(2):
         pieces, reads, position = [], [], 0
