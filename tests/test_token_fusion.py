@@ -58,6 +58,11 @@ def test_expanded_positions_by_hand():
     assert np.asarray(expanded).tolist() == [[False, True, False, True, False], [False, False, True, False, False]]
 
 
+def _plain_lm_logits(model, sequence):
+    """The LM (and the head) alone on input embeddings float[1, T', W]."""
+    return model.head(model.lm.backbone(sequence)[0])
+
+
 @pytest.mark.parametrize(("kind", "frames"), [("mlp", 1), ("qformer", 1), ("mlp", 2)])
 def test_the_lm_reads_each_images_visual_tokens_after_its_image_token(tiny_config, kind, frames):
     """The model equals the plain LM on a hand-built input: each row's text embeddings with each
@@ -69,6 +74,8 @@ def test_the_lm_reads_each_images_visual_tokens_after_its_image_token(tiny_confi
     visual = np.asarray(jitted(model, "encode_media")(batch.images))
     per_medium = _per_medium(model.config, frames)
     assert visual.shape[2] == per_medium
+    graphdef, state = nnx.split(model)
+    plain_lm = jax.jit(lambda state, sequence: _plain_lm_logits(nnx.merge(graphdef, state), sequence))
     for row in range(2):
         pieces, reads, position = [], [], 0
         embedded = np.asarray(model.embed_tokens(jnp.asarray(batch.tokens[row : row + 1])))[0]
@@ -82,8 +89,7 @@ def test_the_lm_reads_each_images_visual_tokens_after_its_image_token(tiny_confi
         sequence = np.concatenate(pieces)[None]
         images_in_row = int(batch.image_mask[row].sum())
         assert sequence.shape[1] == 12 + images_in_row * per_medium
-        hidden, _ = model.lm.backbone(jnp.asarray(sequence))
-        expected = np.asarray(model.head(hidden))[0, reads]
+        expected = np.asarray(plain_lm(state, jnp.asarray(sequence)))[0, reads]
         np.testing.assert_allclose(logits[row], expected, rtol=2e-5, atol=2e-5)
 
 
