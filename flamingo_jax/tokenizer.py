@@ -9,6 +9,8 @@ and the byte-level BPE stored in GGUF metadata.
 from __future__ import annotations
 
 import copy
+import functools
+import os
 import re
 
 import numpy as np
@@ -252,4 +254,14 @@ def _load_tokenizer(spec: str) -> Tokenizer:
             f"tokenizer {spec!r}: use 'bytes', a registered GGUF weights name or one of "
             f"{[k + ':PATH' for k in loaders]}"
         )
-    return loaders[kind](weights_path(path))
+    resolved = weights_path(path)
+    return _read_tokenizer(loaders[kind], resolved, os.path.getmtime(resolved) if os.path.exists(resolved) else None)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_tokenizer(loader, path: str, mtime: float | None) -> Tokenizer:
+    """A tokenizer file read once per process (a 49k-token GGUF takes 3-4 s): a file rewritten since
+    (another ``mtime``) is read again. Tokenizers are not changed after they are built
+    (``with_new_tokens`` copies)."""
+    del mtime  # part of the cache key only
+    return loader(path)

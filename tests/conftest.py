@@ -21,20 +21,28 @@ from PIL import Image
 from flamingo_jax import configs
 from flamingo_jax.batch import Batch
 
-# What the quick suite (``-m "not slow"``) compiles with: its programs are tiny, so XLA's compile
-# time, not their run time, is what it waits for. Measured on 2 cores (AMD EPYC, 206 GFLOP/s): LLVM
-# level 0 cut its wall time by 32%; the classic CPU fusion emitters instead of the newer MLIR ones
-# compile the tiny train step in 3.5 s instead of 5.5 s and cut it from 11.3 to 7.6 minutes.
+# What the tests compile with, unless they run real model sizes: their programs are tiny, so XLA's
+# compile time, not their run time, is what they wait for. Measured on 2 cores (AMD EPYC, 206
+# GFLOP/s): LLVM level 0 cut the quick suite's wall time by 32%; the classic CPU fusion emitters
+# instead of the newer MLIR ones compile the tiny train step in 3.5 s instead of 5.5 s and cut it
+# from 11.3 to 7.6 minutes.
 QUICK_COMPILE_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
 
 
+def quick_compile(markexpr: str) -> bool:
+    """Whether a run selected by ``-m markexpr`` compiles with ``QUICK_COMPILE_FLAGS``: every run
+    that selects by marker except one that picks the ``full_opt`` tests (real model sizes, whose
+    run time counts: the quick flags made them slower). A run without ``-m`` keeps XLA's
+    defaults, as a user's program does."""
+    return bool(markexpr) and ("full_opt" not in markexpr or "not full_opt" in markexpr)
+
+
 def pytest_configure(config):
-    """The quick suite compiles with ``QUICK_COMPILE_FLAGS``. The slow tests train and run real
-    model sizes, where run time counts: they keep XLA's defaults (the classic emitters made them
-    7% slower: 617 s instead of 577 s). Every test compares programs compiled under the same
-    settings, and the subprocesses it starts inherit them. Runs before any test module starts
-    JAX's backend, which reads XLA_FLAGS once; a flag already set in XLA_FLAGS is kept."""
-    if "not slow" not in (config.option.markexpr or ""):
+    """Sets ``QUICK_COMPILE_FLAGS`` for the runs :func:`quick_compile` picks. Every test compares
+    programs compiled under the same settings, and the subprocesses it starts inherit them. Runs
+    before any test module starts JAX's backend, which reads XLA_FLAGS once; a flag already set in
+    XLA_FLAGS is kept."""
+    if not quick_compile(config.option.markexpr or ""):
         return
     flags = os.environ.get("XLA_FLAGS", "").split()
     for flag in QUICK_COMPILE_FLAGS:

@@ -20,6 +20,7 @@ def path_bindings(files: dict[str, str]) -> list[str]:
     return [f"{key.upper()}='{value}'" for key, value in files.items()]
 
 
+@pytest.mark.slow
 def test_eval_mode_runs_coco_vqav2_and_hateful_memes_from_gin_paths(smoke_run, benchmark_files, tmp_path):
     workdir = copy_run(smoke_run, tmp_path / "run")
     bindings = [

@@ -20,6 +20,7 @@ def _iterator(config):
     return mixture.mixture_iterator(mixture.mixture_dataset(config.datasets, token_ids, seed=config.seed))
 
 
+@pytest.mark.slow
 def test_checkpoint_from_data_parallel_restores_onto_fsdp_tensor(tmp_path):
     source_config = dataclasses.replace(smoke_config(), mesh=sharding.MeshConfig(data=8, rules="data_parallel"))
     source_mesh = sharding.create_mesh(source_config.mesh)

@@ -181,8 +181,10 @@ def test_binding_recipe_parses_with_the_demo():
 
 def test_a_directory_shadowing_an_include_folder_is_named(tmp_path, monkeypatch):
     """A ``runs/`` directory in the working directory (a workdir, say) hides
-    ``experiments/runs/`` from gin's package lookup of an ``include``: the error names it."""
+    ``experiments/runs/`` from gin's package lookup of an ``include``: the error names it.
+    ``python -m ...`` puts the working directory first on ``sys.path``; pytest's workers may not."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
     (tmp_path / "runs").mkdir()
     with pytest.raises(ValueError, match=r"\['runs'\] shadow"):
         configs.parse_gin(["models/openflamingo_3b.gin", "runs/openflamingo_eval.gin"])

@@ -145,6 +145,7 @@ def _synthetic_run(tmp_path, steps: int, **overrides) -> RunConfig:
     )
 
 
+@pytest.mark.slow
 def test_training_resumes_bit_identically(tmp_path):
     """Same loop, same guarantees: 3 steps, restart to 5, equals 5 steps straight."""
     straight = train_run(_synthetic_run(tmp_path, 5), str(tmp_path / "straight"))
@@ -170,6 +171,7 @@ def test_training_resumes_bit_identically(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.full_opt
 def test_fashion_mnist_run_lifts_zero_shot_retrieval(tmp_path):
     """The demo's contrastive_fashion.gin, shortened to 200 steps: zero-shot R@1 in both
     directions far above the initialisation (the full 300-step run's numbers are in the demo's
@@ -195,6 +197,7 @@ def test_fashion_mnist_run_lifts_zero_shot_retrieval(tmp_path):
     assert trained["text_to_image/R@1"] > initial["text_to_image/R@1"] + 25
 
 
+@pytest.mark.slow
 def test_exported_tower_trains_inside_a_flamingo_model(tmp_path):
     """The tower of a contrastive run, exported, is the frozen vision encoder of a Flamingo model
     with the same vision config (bit-equal weights), and that model trains."""

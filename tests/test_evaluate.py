@@ -17,6 +17,9 @@ from flamingo_jax.evaluation.run import evaluate_run
 
 from conftest import SMOKE_STEPS, copy_run
 
+# Each test evaluates a trained run end to end: in the slow step.
+pytestmark = pytest.mark.slow
+
 EVAL_BINDINGS = [
     "EvalConfig.shots=[0, 2]",
     "EvalConfig.seeds=[0, 1]",

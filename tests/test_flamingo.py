@@ -290,6 +290,7 @@ def test_every_parameter_has_logical_axis_names(tiny_config):
         assert all(name is None or isinstance(name, str) for name in names), (path, names)
 
 
+@pytest.mark.slow
 def test_unique_rows_gives_the_same_loss_and_gradients(tiny_config):
     """Running the layers below the first xattn block once per distinct token row is exact:
     same loss and trainable gradients with 3 distinct rows among 6, and when a batch has more
@@ -321,6 +322,7 @@ def test_unique_rows_gives_the_same_loss_and_gradients(tiny_config):
         assert sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(want_grads)) > 0
 
 
+@pytest.mark.slow
 def test_target_capacity_gives_the_same_loss_and_gradients(tiny_config):
     """The head and the loss at the target positions only (at most ``target_capacity`` per row)
     are exact: same loss and trainable gradients as at every position, both when every row fits

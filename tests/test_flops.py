@@ -61,14 +61,15 @@ def _matmul_heavy_config(placement, family="llama"):
 @pytest.mark.parametrize(
     "placement, family",
     [
-        ("paper", "llama"),
         ("openflamingo", "llama"),
-        ("paper", "gpt_neox"),
-        ("paper", "idefics"),
-        # The ablations' (tools.ablate): in the slow step.
+        # The paper's placement, the other LM families and the ablations' variants (tools.ablate):
+        # in the slow step.
         *(
             pytest.param(placement, variant, marks=pytest.mark.slow)
             for placement, variant in [
+                ("paper", "llama"),
+                ("paper", "gpt_neox"),
+                ("paper", "idefics"),
                 ("paper", "transformer_vanilla"),
                 ("graft", "mlp"),
                 ("paper", "lora"),

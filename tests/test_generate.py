@@ -48,6 +48,7 @@ def _greedy_step_by_step(model, tokens, index, image_mask, images, stops):
     return out
 
 
+@pytest.mark.slow
 def test_cached_greedy_matches_step_by_step(model, prompts, tiny_config):
     tokens, index, image_mask, images, mask = prompts
     config = GenerateConfig(max_new_tokens=NEW, stop_tokens=(tiny_config.endofchunk_token_id,))

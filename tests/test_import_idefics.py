@@ -147,6 +147,7 @@ def test_idefics_config_errors_name_the_setting(tmp_path):
         idefics.idefics_params(state, config)
 
 
+@pytest.mark.slow
 def test_convert_writes_the_weights_and_the_model_gin(tmp_path):
     """``tools.convert --idefics=DIR`` needs no gin file: it writes the weights and model.gin,
     which rebuild the same model (its logits those of transformers' IDEFICS)."""

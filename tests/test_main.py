@@ -79,6 +79,7 @@ def wait_for(predicate, timeout, process):
     raise AssertionError("timed out waiting")
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_its_outputs_and_continues(tmp_path, caplog):
     workdir = str(tmp_path / "run")
     main_in_process(workdir, "TRAIN_STEPS=10", "CHECKPOINT_EVERY=5", "LOG_EVERY=5")
@@ -108,6 +109,7 @@ def test_smoke_run_writes_its_outputs_and_continues(tmp_path, caplog):
     assert [r["step"] for r in read_metrics(workdir)] == [5, 10, 15]
 
 
+@pytest.mark.slow
 def test_sigkill_after_a_checkpoint_resumes_bit_identically(tmp_path):
     bindings = ("TRAIN_STEPS=30", "CHECKPOINT_EVERY=5", "LOG_EVERY=1")
     reference = str(tmp_path / "reference")
@@ -133,6 +135,7 @@ def test_sigkill_after_a_checkpoint_resumes_bit_identically(tmp_path):
         np.testing.assert_array_equal(actual[key], value, err_msg=key)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_loses_no_step(tmp_path):
     workdir = str(tmp_path / "run")
     bindings = ("TRAIN_STEPS=100000", "CHECKPOINT_EVERY=100000", "LOG_EVERY=1")

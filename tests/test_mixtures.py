@@ -69,6 +69,7 @@ def test_missing_required_path_is_a_clear_error():
         config.datasets[0].check_path()
 
 
+@pytest.mark.slow
 def test_demo_mixture_trains_on_real_images(tmp_path):
     """Fashion-MNIST (pairs and few-shot documents), scikit-image photos and generated documents,
     two steps through the entry point with decoding workers: finite per-dataset losses."""

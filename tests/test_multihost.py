@@ -9,9 +9,13 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from test_main import main_command, main_in_process, output_of, start, wait_for, without_timing
 
 from flamingo_jax.train.writer import read_metrics
+
+# Multi-process training runs: in the slow step.
+pytestmark = pytest.mark.slow
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BINDINGS = ("TRAIN_STEPS=4", "CHECKPOINT_EVERY=2", "LOG_EVERY=1")

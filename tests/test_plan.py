@@ -65,6 +65,7 @@ def _smoke(bindings):
     return configs.run_config()
 
 
+@pytest.mark.slow
 def test_plan_matches_a_real_compile():
     """8 LM layers (4 xattn blocks), FSDP over 4 devices: exact input bytes equal XLA's argument
     size; temporaries and FLOPs extrapolated from 2- and 4-layer compiles match the full compile."""
@@ -173,6 +174,7 @@ def test_dot_flops_of_batched_and_tuple_shaped_lines():
     assert plan.dot_flops(lines) == 2 * (2 * 32 * 16) * 24
 
 
+@pytest.mark.slow
 def test_plan_of_a_scanned_model():
     """Scanned layers under FSDP: the loop's matmul FLOPs and collectives counted once per period
     (the per-layer model's FLOPs, and the remat recompute on top), fewer temporaries than the
@@ -206,6 +208,7 @@ def test_plan_needs_the_topologys_devices():
         plan.plan(_smoke([]), "v5p-64")
 
 
+@pytest.mark.slow
 def test_plan_command_line(tmp_path):
     import json
     import subprocess

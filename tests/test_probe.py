@@ -66,6 +66,7 @@ def test_probe_sees_what_a_collapsed_resampler_discards():
         assert collapsed[stage] < 0.2, collapsed
 
 
+@pytest.mark.slow
 def test_probe_cli_writes_its_table(tmp_path):
     command = [sys.executable, "-m", "flamingo_jax.tools.probe", "--gin_file=runs/smoke_cpu.gin"]
     command += ["--gin_file=flamingo_jax/demo/demo_eval.gin", "--task=fashion_mnist"]

@@ -19,7 +19,7 @@ from flamingo_jax.importers.pretrained import lm_from_pretrained  # noqa: E402
 from flamingo_jax.models.llama import KVCache  # noqa: E402
 from flamingo_jax.tokenizer import Tokenizer  # noqa: E402
 
-pytestmark = [pytest.mark.reference, pytest.mark.slow]
+pytestmark = [pytest.mark.reference, pytest.mark.slow, pytest.mark.full_opt]
 
 GGUF = smollm2_gguf()
 PROMPTS = [

@@ -106,6 +106,7 @@ def test_missing_source_fails_at_start(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_training_run_on_a_webdataset_mixture_counts_skips(pairs_dir, tmp_path):
     """The entry point trains on real tar shards mixed with generated documents; skipped
     records reach the metrics and the loss stays finite."""

@@ -53,6 +53,7 @@ def fsdp_loss_and_grads(config, batch, *, unique_rows=0):
     return float(value), scan.unstack_params({k: np.asarray(v) for k, v in grads.items()}, config), specs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "layers, first_layer, placement, policy, unique_rows",
     [
@@ -84,6 +85,7 @@ def test_scanned_model_matches_per_layer_model_under_fsdp(
         np.testing.assert_allclose(scanned_grads[key] / scale, value / scale, atol=2e-4, err_msg=key)
 
 
+@pytest.mark.slow
 def test_scanned_gpt_neox_matches_per_layer_model_under_fsdp(tiny_config):
     """Another family's layers (LayerNorms with biases, biased projections, parallel residual)
     stack and scan the same way."""
@@ -99,6 +101,7 @@ def test_scanned_gpt_neox_matches_per_layer_model_under_fsdp(tiny_config):
         np.testing.assert_allclose(scanned_grads[key] / scale, value / scale, atol=1e-5, err_msg=key)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scanned", [False, True])
 def test_one_pass_over_several_datasets_gives_each_datasets_loss(tiny_config, scanned):
     """``Flamingo.train_losses``: batches of other shapes and media counts, as streams through the

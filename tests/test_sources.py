@@ -293,7 +293,13 @@ def _pairs_mixture(pairs_dir, tmp_path, strategy):
 
 
 @pytest.mark.parametrize(
-    "strategy,workers,threads", [("accumulate", 0, 0), ("sample", 0, 0), ("accumulate", 2, 0), ("accumulate", 0, 1)]
+    "strategy,workers,threads",
+    [
+        ("accumulate", 0, 0),
+        ("sample", 0, 0),
+        pytest.param("accumulate", 2, 0, marks=pytest.mark.slow),  # two worker processes
+        ("accumulate", 0, 1),
+    ],
 )
 def test_iterator_restores_mid_stream_with_skip_counts(pairs_dir, tmp_path, strategy, workers, threads):
     """Restoring the iterator state continues with exactly the same batches and skip counts,

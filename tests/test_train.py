@@ -56,7 +56,10 @@ def one_device_run():
     return run_steps(config, sharding.create_mesh(sharding.MeshConfig(data=1), jax.devices()[:1]))
 
 
-@pytest.mark.parametrize("rules", sorted(MESHES))
+# data_parallel and fsdp_tensor (one compile on eight devices each) run in the slow step.
+@pytest.mark.parametrize(
+    "rules", [pytest.param(r, marks=pytest.mark.slow) if r != "fsdp" else r for r in sorted(MESHES)]
+)
 def test_same_step_on_one_and_eight_devices(rules, one_device_run):
     """fp32; tolerance 1e-5 relative on losses, 2e-6 absolute on updated parameters (the only
     difference is the order of cross-device reductions)."""
@@ -131,6 +134,7 @@ def eight_device_run():
     return run_steps(config, sharding.create_mesh(config.mesh))
 
 
+@pytest.mark.slow
 def test_target_capacity_gives_the_same_steps(eight_device_run):
     """The head and loss at the target positions only (DatasetConfig.target_capacity), with the
     batch sharded over 8 devices: the same losses and parameters as at every position."""
@@ -143,6 +147,7 @@ def test_target_capacity_gives_the_same_steps(eight_device_run):
         np.testing.assert_allclose(np.asarray(training.state.params[key]), np.asarray(value), atol=2e-6, err_msg=key)
 
 
+@pytest.mark.slow
 def test_remat_and_bf16_settings(eight_device_run):
     """Rematerialised LM layers give the same step; bf16 frozen weights and activations with fp32
     trainables train to a finite loss."""
