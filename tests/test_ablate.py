@@ -41,11 +41,25 @@ def test_cells_take_the_latest_step_and_each_kind_of_standard_error(tmp_path):
         _record("binding", "episodes", 300, {"4": {**accuracy(70.0), "accuracy_se": 2.5}}),
         _record("coco", "captioning", 300, {"0": {"CIDEr": 40.0, "CIDEr_std": 1.5, "metric": "CIDEr"}}),
     )
+    # Captions with their references: the standard error over the queries' CIDEr-D.
+    captions = _record("shapes", "captioning", 300, {"0": {"CIDEr": 0.0, "CIDEr_std": 0.0, "metric": "CIDEr"}})
+    words = ["a red square", "a blue circle", "a green triangle", "a small red circle"]
+    rows = [{"id": str(i), "prediction": words[i % 4], "answers": [words[i % 3], words[i % 4]]} for i in range(12)]
+    captions["predictions"]["0"]["0"] = rows
+    _write(tmp_path, captions)
     cells = ablate.cells(str(tmp_path))
     assert cells["fashion_mnist:0"] == pytest.approx((80.0, 100 * np.sqrt(0.8 * 0.2 / 100), "accuracy"))
     assert cells["fashion_mnist:4"][0] == 84.0
     assert cells["binding:4"] == (70.0, 2.5, "accuracy")
-    assert cells["coco:0"] == (40.0, 1.5, "CIDEr")
+    assert cells["coco:0"] == (40.0, 1.5, "CIDEr")  # no references kept: the seeds' spread
+    per_item = 100 * ablate.metrics.cider_per_item(
+        {r["id"]: r["prediction"] for r in rows}, {r["id"]: r["answers"] for r in rows}
+    )
+    corpus = ablate.metrics.caption_scores(
+        {r["id"]: r["prediction"] for r in rows}, {r["id"]: r["answers"] for r in rows}
+    )["CIDEr"]
+    assert per_item.mean() == pytest.approx(100 * corpus) and per_item.std() > 0
+    assert cells["shapes:0"][1] == pytest.approx(per_item.std(ddof=1) / np.sqrt(12))
     assert ablate.default_primary(cells) == "binding:4"  # the first task by name, its most shots
 
 
@@ -66,13 +80,18 @@ def test_report_only_tables_the_finished_runs_and_lists_the_pending(tmp_path):
         _write(run_dir, _record("fashion_mnist", "classification", 320, {"4": accuracy(value)}))
         (run_dir / "eval" / "report.md").write_text("report")
         (run_dir / "ablate_wall_time_s.txt").write_text("60.0")
+    described = {"cpu": "AMD EPYC 7B13 64-Core Processor", "matmul_peak_flops": 377.3e9}
+    (tmp_path / "graft" / "seed0" / "ablate_machine.json").write_text(json.dumps(described))
     (tmp_path / "vanilla_xattn" / "seed0").mkdir(parents=True)  # started, not finished
     rows = ["baseline", "graft", "vanilla_xattn"]
     result = ablate.ablate(rows, ["runs/smoke_cpu.gin"], [], str(tmp_path), train=False)
     assert list(result["rows"]) == ["baseline", "graft"] and result["pending"] == ["vanilla_xattn"]
     assert result["rows"]["graft"]["difference"]["value"] == pytest.approx(-10.0)
     assert result["rows"]["baseline"]["wall_time_s"] == [60.0]
-    assert "Not run yet: vanilla_xattn." in (tmp_path / "ablations.md").read_text()
+    assert result["rows"]["graft"]["machines"] == ["AMD EPYC, 377 GFLOP/s"]
+    assert result["rows"]["baseline"]["machines"] == ["?"]  # from before the runner recorded it
+    table = (tmp_path / "ablations.md").read_text()
+    assert "| 1.0 | AMD EPYC, 377 GFLOP/s |" in table and "Not run yet: vanilla_xattn." in table
     with pytest.raises(ValueError, match="the baseline has no finished run"):
         ablate.ablate(rows, ["runs/smoke_cpu.gin"], [], str(tmp_path / "empty"), train=False)
 
@@ -135,6 +154,9 @@ def test_ablation_table_on_the_smoke_model_and_its_resumption(tmp_path):
     assert rows["vanilla_xattn"]["seeds"] in ((2,) if close else (1,))
     assert rows["vanilla_xattn"]["paper"].startswith("lower (Flamingo Table 3 (iv))")
     assert (workdir / "vanilla_xattn" / "seed0" / "eval" / "report.md").exists()
+    described = json.loads((workdir / "vanilla_xattn" / "seed0" / "ablate_machine.json").read_text())
+    assert described["cores"] == os.cpu_count() and described["matmul_peak_flops"] > 1e9
+    assert rows["vanilla_xattn"]["machines"][0].endswith("GFLOP/s")
     table = (workdir / "ablations.md").read_text()
     assert "| row | seeds | episodes 1-shot | Δ episodes:1 |" in table and "| vanilla_xattn |" in table
     # A rerun finds every run done and only rewrites the table.

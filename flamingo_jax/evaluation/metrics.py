@@ -138,6 +138,18 @@ def caption_scores(predictions: dict, references: dict) -> dict[str, float]:
     return {"CIDEr": float(cider), "BLEU-4": float(bleu[3])}
 
 
+def cider_per_item(predictions: dict, references: dict) -> np.ndarray:
+    """Each prediction's CIDEr-D (sorted by id) with the corpus's document frequencies: their
+    mean is ``caption_scores``' CIDEr, their spread gives its standard error over queries."""
+    from pycocoevalcap.cider.cider import Cider
+
+    keys = sorted(predictions)
+    result = {key: [caption_tokens(predictions[key])] for key in keys}
+    gts = {key: [caption_tokens(r) for r in references[key]] for key in keys}
+    _, scores = Cider().compute_score(gts, result)
+    return np.asarray(scores, np.float64)
+
+
 def roc_auc(scores, labels) -> float:
     """Area under the ROC curve: P(score of a positive > score of a negative), ties one half."""
     scores, labels = np.asarray(scores, np.float64), np.asarray(labels).astype(bool)

@@ -16,11 +16,13 @@ baseline and for every row whose primary cell lies within two standard errors of
 cannot settle. ``--seeds=1`` skips the second pass.
 
 Writes ``DIR/ablations.md`` and ``DIR/ablations.json`` after every finished run (``--report_only``:
-only that, from the runs finished before): per row, each task's metric per shot
-count (the mean over its seeds, ± the standard error: binomial over queries for
-classification, over episodes for episode tasks, the seeds' own spread for other metrics), its
-difference from the baseline on the primary cell, the wall time of its runs, and the direction
-the Flamingo paper (Table 3) or Idefics2 reports for that change.
+only that, from the runs finished before): per row, each task's metric per shot count (the mean
+over its seeds, ± the standard error: binomial over queries for classification, over episodes
+for episode tasks, over the queries' CIDEr-D for captioning, the seeds' own spread for other
+metrics), its difference from the baseline on the primary cell, the wall time of its runs, and
+the direction the Flamingo paper (Table 3) or Idefics2 reports for that change, and the machine
+each run trained on (``DIR/<row>/seed<k>/ablate_machine.json``: CPU model and matmul peak,
+measured before the run).
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ import time
 import numpy as np
 from absl import app, flags, logging
 
-from flamingo_jax import configs, storage
-from flamingo_jax.evaluation import report
+from flamingo_jax import configs, machine, storage
+from flamingo_jax.evaluation import metrics, report
 
 FLAGS = flags.FLAGS
 
@@ -104,6 +106,8 @@ def run_row(row: str, seed: int, gin_files, bindings, workdir: str) -> float:
     command += [f"--gin_bindings={binding}" for binding in run_bindings]
     logging.info("%s seed %d: %s", row, seed, " ".join(command))
     os.makedirs(run_dir, exist_ok=True)
+    described = machine.describe()  # before the run: the matmul peak of a quiet machine
+    storage.write_text(os.path.join(run_dir, "ablate_machine.json"), json.dumps(described, indent=1))
     started = time.perf_counter()
     with open(os.path.join(run_dir, "ablate.log"), "a") as log_file:
         done = subprocess.run(command, stdout=log_file, stderr=subprocess.STDOUT)
@@ -134,10 +138,27 @@ def cells(run_dir: str) -> dict[str, tuple[float, float, str]]:
             elif record["kind"] == "classification":
                 n = report.queries_of(record)
                 se = 100 * float(np.sqrt(value / 100 * (1 - value / 100) / max(n, 1)))
+            elif record["kind"] == "captioning" and _with_answers(record.get("predictions", {}).get(shots)):
+                se = caption_se(record["predictions"][shots])
             else:
                 se = float(values.get(metric + "_std", 0.0))
             out[f"{task}:{shots}"] = (value, se, metric)
     return out
+
+
+def _with_answers(by_seed: dict | None) -> bool:
+    return bool(by_seed) and all("answers" in row for rows in by_seed.values() for row in rows)
+
+
+def caption_se(by_seed: dict[str, list[dict]]) -> float:
+    """The standard error over queries of a captioning cell's CIDEr (x100): each query's CIDEr-D
+    averaged over the evaluation seeds, their spread over the square root of their number."""
+    per_seed = [
+        metrics.cider_per_item({r["id"]: r["prediction"] for r in rows}, {r["id"]: r["answers"] for r in rows})
+        for rows in by_seed.values()
+    ]
+    items = 100.0 * np.mean(per_seed, axis=0)
+    return float(np.std(items, ddof=1) / np.sqrt(len(items))) if len(items) > 1 else 0.0
 
 
 def combine(per_seed: list[dict]) -> dict[str, tuple[float, float, str]]:
@@ -226,6 +247,7 @@ def write_table(rows, gin_files, bindings, workdir: str, primary: str | None) ->
                 "cells": {key: {"value": v, "se": s, "metric": m} for key, (v, s, m) in table[row].items()},
                 "difference": _difference(table[BASELINE], table[row], primary),
                 "wall_time_s": [float(pathlib.Path(d, "ablate_wall_time_s.txt").read_text()) for d in seed_dirs[row]],
+                "machines": [_machine_of(d) for d in seed_dirs[row]],
                 "paper": PAPER_DIRECTIONS.get(row_name(row), ""),
             }
             for row in rows
@@ -236,6 +258,16 @@ def write_table(rows, gin_files, bindings, workdir: str, primary: str | None) ->
     storage.write_text(os.path.join(workdir, "ablations.json"), json.dumps(result, indent=1))
     storage.write_text(os.path.join(workdir, "ablations.md"), markdown(result))
     return result
+
+
+def _machine_of(run_dir: str) -> str:
+    """The machine a run trained on ('AMD EPYC, 377 GFLOP/s'); '?' for a run from before the
+    runner recorded it."""
+    path = os.path.join(run_dir, "ablate_machine.json")
+    if not os.path.exists(path):
+        return "?"
+    with open(path) as f:
+        return machine.short(json.load(f))
 
 
 def _difference(baseline: dict, row: dict, primary: str) -> dict | None:
@@ -255,8 +287,8 @@ def markdown(result: dict) -> str:
         f"Each cell: the mean over the row's seeds ± its standard error; Δ: the row minus the baseline on "
         f"{result['primary']}, ± the standard error of that difference.",
         "",
-        f"| row | seeds | {head} | Δ {result['primary']} | wall time (min) | the literature |",
-        "|---|---|" + "---|" * len(keys) + "---|---|---|",
+        f"| row | seeds | {head} | Δ {result['primary']} | wall time (min) | machine | the literature |",
+        "|---|---|" + "---|" * len(keys) + "---|---|---|---|",
     ]
     for name, row in result["rows"].items():
         values = " | ".join(
@@ -266,7 +298,8 @@ def markdown(result: dict) -> str:
         difference = row["difference"]
         delta = "" if name == BASELINE or difference is None else f"{difference['value']:+.1f} ± {difference['se']:.1f}"
         minutes = " + ".join(f"{s / 60:.1f}" for s in row["wall_time_s"])
-        lines.append(f"| {name} | {row['seeds']} | {values} | {delta} | {minutes} | {row['paper']} |")
+        machines = "; ".join(dict.fromkeys(row.get("machines", [])))
+        lines.append(f"| {name} | {row['seeds']} | {values} | {delta} | {minutes} | {machines} | {row['paper']} |")
     if result.get("pending"):
         lines += ["", f"Not run yet: {', '.join(result['pending'])}."]
     return "\n".join(lines) + "\n"
