@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from flamingo_jax.tokenizer import Tokenizer, load_tokenizer
@@ -45,3 +47,25 @@ def test_load_tokenizer_specs():
     assert load_tokenizer("gguf:smollm2").eos_id == load_tokenizer("smollm2").eos_id
     with pytest.raises(ValueError, match="tokenizer 'nonsense'"):
         load_tokenizer("nonsense")
+
+
+def _word_level_file(path, words):
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, pre_tokenizers
+
+    backend = Backend(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[0]))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.save(str(path))
+
+
+def test_a_tokenizer_file_is_read_once_until_it_changes(tmp_path):
+    path = tmp_path / "tokenizer.json"
+    _word_level_file(path, ["<unk>", "a", "cat"])
+    first = load_tokenizer(f"hf_json:{path}")
+    assert load_tokenizer(f"hf_json:{path}")._encode is first._encode  # the same backend: not read again
+    assert first.encode("a cat") == [1, 2] and first.base_vocab_size == 3
+    os.utime(path, (1, 1))  # rewritten: another modification time
+    _word_level_file(path, ["<unk>", "cat", "a", "dog"])
+    os.utime(path, (2, 2))
+    again = load_tokenizer(f"hf_json:{path}")
+    assert again.encode("a cat") == [2, 1] and again.base_vocab_size == 4
