@@ -122,17 +122,24 @@ def caption_tokens(text: str) -> str:
     return " ".join(_CAPTION_PUNCTUATION.sub(" ", text.lower()).split())
 
 
+def _tokenized(predictions: dict, references: dict) -> tuple[dict, dict]:
+    """(references, predictions) as pycocoevalcap's scorers take them, by id in sorted order:
+    {id: [tokenized captions]}, {id: [tokenized prediction]}."""
+    missing = set(predictions) ^ set(references)
+    if missing:
+        raise ValueError(f"caption_scores: predictions and references differ on ids {sorted(missing)[:5]}")
+    keys = sorted(predictions)
+    gts = {key: [caption_tokens(r) for r in references[key]] for key in keys}
+    return gts, {key: [caption_tokens(predictions[key])] for key in keys}
+
+
 def caption_scores(predictions: dict, references: dict) -> dict[str, float]:
     """{'CIDEr': corpus CIDEr-D, 'BLEU-4': corpus BLEU-4} of ``predictions`` ({id: caption})
     against ``references`` ({id: [captions]}) with pycocoevalcap's scorers."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
 
-    missing = set(predictions) ^ set(references)
-    if missing:
-        raise ValueError(f"caption_scores: predictions and references differ on ids {sorted(missing)[:5]}")
-    result = {key: [caption_tokens(predictions[key])] for key in predictions}
-    gts = {key: [caption_tokens(r) for r in references[key]] for key in references}
+    gts, result = _tokenized(predictions, references)
     cider, _ = Cider().compute_score(gts, result)
     bleu, _ = Bleu(4).compute_score(gts, result, verbose=0)
     return {"CIDEr": float(cider), "BLEU-4": float(bleu[3])}
@@ -143,10 +150,7 @@ def cider_per_item(predictions: dict, references: dict) -> np.ndarray:
     mean is ``caption_scores``' CIDEr, their spread gives its standard error over queries."""
     from pycocoevalcap.cider.cider import Cider
 
-    keys = sorted(predictions)
-    result = {key: [caption_tokens(predictions[key])] for key in keys}
-    gts = {key: [caption_tokens(r) for r in references[key]] for key in keys}
-    _, scores = Cider().compute_score(gts, result)
+    _, scores = Cider().compute_score(*_tokenized(predictions, references))
     return np.asarray(scores, np.float64)
 
 
