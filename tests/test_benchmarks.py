@@ -13,7 +13,7 @@ import pytest
 from flamingo_jax import configs
 from flamingo_jax.evaluation.fewshot import build_tasks
 
-from conftest import SMOKE_STEPS, copy_run
+from conftest import SMOKE_STEPS, copy_run, one_device_env
 
 
 def path_bindings(files: dict[str, str]) -> list[str]:
@@ -33,7 +33,7 @@ def test_eval_mode_runs_coco_vqav2_and_hateful_memes_from_gin_paths(smoke_run, b
     command = [sys.executable, "-m", "flamingo_jax.main", "--mode=eval", f"--workdir={workdir}"]
     command += ["--gin_file=runs/smoke_cpu.gin", "--gin_file=runs/eval_benchmarks.gin"]
     command += [f"--gin.{binding}" for binding in bindings]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=one_device_env())
     assert result.returncode == 0, result.stderr[-3000:]
     expected = {"coco": ("CIDEr", 3), "vqav2": ("accuracy", 4), "hateful_memes": ("roc_auc", 4)}
     for task, (metric, queries) in expected.items():

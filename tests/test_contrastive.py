@@ -6,6 +6,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
+import subprocess
+import sys
 
 import gin
 import jax
@@ -171,26 +174,31 @@ def test_training_resumes_bit_identically(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.full_opt
 def test_fashion_mnist_run_lifts_zero_shot_retrieval(tmp_path):
-    """The demo's contrastive_fashion.gin, shortened to 200 steps: zero-shot R@1 in both
-    directions far above the initialisation (the full 300-step run's numbers are in the demo's
-    RESULTS.md)."""
-    configs.parse_gin(["flamingo_jax/demo/contrastive_fashion.gin"], ["TRAIN_STEPS=200", "EvalConfig.num_queries=500"])
-    try:
-        run_config = dataclasses.replace(configs.run_config(), async_checkpointing=False)
-        eval_config = configs.eval_config()
-    finally:
-        gin.clear_config()
-    workdir = str(tmp_path / "contrastive")
-    train_run(run_config, workdir)
+    """The demo's contrastive_fashion.gin through ``main``, shortened to 150 steps: zero-shot R@1
+    in both directions far above the initialisation (12.2 / 10.8 -> 45.0 / 50.0 on 2026-12-04,
+    AMD EPYC; the full 300-step run's numbers are in the demo's RESULTS.md). In its own process
+    on one device with XLA's default compile settings, as a user runs it: the session's 8 fake
+    devices and quick compile flags would only slow it."""
+    workdir = tmp_path / "contrastive"
+    command = [
+        sys.executable,
+        "-m",
+        "flamingo_jax.main",
+        "--gin_file=flamingo_jax/demo/contrastive_fashion.gin",
+        f"--workdir={workdir}",
+        "--gin.TRAIN_STEPS=150",
+        "--gin.EvalConfig.num_queries=500",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1200, env={**os.environ, "XLA_FLAGS": ""})
+    assert done.returncode == 0, done.stderr[-3000:]
 
     def evaluated(step):
-        with open(evaluation.evaluate_contrastive(run_config, eval_config, workdir, step)) as f:
+        with open(workdir / "eval" / f"contrastive_{step}.json") as f:
             return json.load(f)
 
-    trained, initial = evaluated(None), evaluated(0)
-    assert trained["step"] == 200 and initial["step"] == 0
+    trained, initial = evaluated(150), evaluated(0)  # RunConfig.evaluate_at_end, EvalConfig.include_init
+    assert trained["step"] == 150 and initial["step"] == 0
     trained, initial = trained["metrics"]["fashion_mnist"], initial["metrics"]["fashion_mnist"]
     assert trained["num_images"] == 500
     assert trained["image_to_text/R@1"] > initial["image_to_text/R@1"] + 25

@@ -1,5 +1,7 @@
 """The demo run, shortened: real frozen SmolLM2 + EfficientNet-Lite0, trained on the demo
-mixture, checkpointed, evaluated few-shot (and at initialisation), reported."""
+mixture (Fashion-MNIST pairs and few-shot documents, scikit-image photos, generated documents,
+decoded by worker processes), checkpointed, evaluated few-shot (and at initialisation),
+reported."""
 
 from __future__ import annotations
 
@@ -8,9 +10,12 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.full_opt]
+from flamingo_jax.train.writer import read_metrics
+
+pytestmark = pytest.mark.slow
 
 
 def test_demo_config_end_to_end(tmp_path):
@@ -25,6 +30,7 @@ def test_demo_config_end_to_end(tmp_path):
         "--gin.OptimizerConfig.warmup_steps=1",
         "--gin.CHECKPOINT_EVERY=3",
         "--gin.LOG_EVERY=1",
+        "--gin.RunConfig.data_workers=2",
         "--gin.EVAL_QUERIES=8",
         "--gin.EvalConfig.task_options={'fashion_mnist_captions': {'num_queries': 4}}",
         "--gin.EvalConfig.shots=[0, 4]",
@@ -37,6 +43,10 @@ def test_demo_config_end_to_end(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=1500, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     assert os.path.isdir(workdir / "checkpoints" / "3")
+    last = read_metrics(str(workdir))[-1]
+    for name in ("fashion_fewshot", "fashion_pairs", "photos", "generated"):
+        assert np.isfinite(last[f"loss/{name}"]) and last[f"targets/{name}"] > 0, name
+    assert sorted(os.listdir(tmp_path / "data"))  # prepared once, under FLAMINGO_JAX_DATA
     # The trained model on both tasks, its initialisation on classification at 4 shots
     # (EvalConfig.init_tasks, init_shots).
     for task, step, queries, shots in (

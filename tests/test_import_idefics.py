@@ -26,7 +26,7 @@ from flamingo_jax.models.flamingo import Flamingo  # noqa: E402
 from flamingo_jax.models.layers import CountingRngs  # noqa: E402
 from flamingo_jax.tokenizer import Tokenizer  # noqa: E402
 
-from conftest import word_level_tokenizer  # noqa: E402
+from conftest import one_device_env, word_level_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.reference
 
@@ -211,7 +211,9 @@ def test_converted_idefics_evaluates_with_its_protocol(tmp_path, benchmark_files
     reference = _reference("float", False)
     reference.save_pretrained(tmp_path / "idefics")
     converted = tmp_path / "converted"
-    run = lambda *args: subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True)
+    run = lambda *args: subprocess.run(
+        [sys.executable, "-m", *args], capture_output=True, text=True, env=one_device_env()
+    )
     result = run("flamingo_jax.tools.convert", f"--idefics={tmp_path / 'idefics'}", f"--output={converted}")
     assert result.returncode == 0, result.stderr[-3000:]
     tokenizer = word_level_tokenizer(tmp_path / "tokenizer", VOCAB)

@@ -1,20 +1,15 @@
-"""The mixture gin files of experiments/mixtures: the paper's and OpenFlamingo's weights, and the
-offline demo mixture training through the entry point on real images."""
+"""The mixture gin files of experiments/mixtures: the paper's and OpenFlamingo's weights (the
+offline demo mixture trains on real images in tests/test_demo.py)."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import gin
-import numpy as np
 import pytest
 from test_sources import video_dir  # noqa: F401 (a fixture)
 
 from flamingo_jax import configs
-from flamingo_jax.train.writer import read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -67,36 +62,6 @@ def test_missing_required_path_is_a_clear_error():
     config = _run_config("mixtures/openflamingo.gin", [])  # parses without data (for planning)
     with pytest.raises(FileNotFoundError, match="'mmc4': source 'mmc4' needs an existing path, got None"):
         config.datasets[0].check_path()
-
-
-@pytest.mark.slow
-def test_demo_mixture_trains_on_real_images(tmp_path):
-    """Fashion-MNIST (pairs and few-shot documents), scikit-image photos and generated documents,
-    two steps through the entry point with decoding workers: finite per-dataset losses."""
-    command = [
-        sys.executable,
-        "-m",
-        "flamingo_jax.main",
-        "--gin_file=runs/smoke_cpu.gin",
-        "--gin_file=flamingo_jax/demo/demo_mixture.gin",
-        f"--workdir={tmp_path / 'run'}",
-        "--gin.LlamaConfig.vocab_size=259",
-        "--gin.RunConfig.tokenizer='bytes'",
-        "--gin.RunConfig.data_workers=2",
-        "--gin.DEMO_BATCH=8",
-        "--gin.fashion_fewshot/DatasetConfig.options={'shots': 4, 'limit': 400}",
-        "--gin.fashion_pairs/DatasetConfig.options={'limit': 400}",
-        "--gin.TRAIN_STEPS=2",
-        "--gin.LOG_EVERY=1",
-        "--gin.CHECKPOINT_EVERY=2",
-    ]
-    env = {**os.environ, "FLAMINGO_JAX_DATA": str(tmp_path / "data")}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    last = read_metrics(str(tmp_path / "run"))[-1]
-    for name in ("fashion_fewshot", "fashion_pairs", "photos", "generated"):
-        assert np.isfinite(last[f"loss/{name}"]) and last[f"targets/{name}"] > 0, name
-    assert sorted(os.listdir(tmp_path / "data"))  # prepared once, under FLAMINGO_JAX_DATA
 
 
 @pytest.mark.parametrize("size", ["3b", "9b"])

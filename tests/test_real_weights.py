@@ -19,7 +19,7 @@ from flamingo_jax.importers.pretrained import lm_from_pretrained  # noqa: E402
 from flamingo_jax.models.llama import KVCache  # noqa: E402
 from flamingo_jax.tokenizer import Tokenizer  # noqa: E402
 
-pytestmark = [pytest.mark.reference, pytest.mark.slow, pytest.mark.full_opt]
+pytestmark = [pytest.mark.reference, pytest.mark.slow]
 
 GGUF = smollm2_gguf()
 PROMPTS = [
@@ -39,6 +39,12 @@ def reference():
     model = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
     return model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def ours():
+    """Our import of the same file, once for the module (it dequantizes every tensor)."""
+    return lm_from_pretrained(GGUF)
 
 
 def reference_greedy(hf_model, ids, steps):
@@ -69,9 +75,9 @@ def greedy(model, config, prompt_ids, steps):
     return out
 
 
-def test_smollm2_greedy_continuations_match_transformers(reference):
+def test_smollm2_greedy_continuations_match_transformers(reference, ours):
     hf_model, hf_tokenizer = reference
-    config, model = lm_from_pretrained(GGUF)
+    config, model = ours
     assert (config.num_layers, config.width, config.num_kv_heads, config.tie_embeddings) == (30, 576, 3, True)
     tokenizer = Tokenizer.from_gguf(GGUF)
     for prompt in PROMPTS:
@@ -83,9 +89,9 @@ def test_smollm2_greedy_continuations_match_transformers(reference):
         assert len(tokenizer.decode(actual).split()) > 5  # real English comes out
 
 
-def test_smollm2_logits_match_transformers(reference):
+def test_smollm2_logits_match_transformers(reference, ours):
     hf_model, _ = reference
-    _, model = lm_from_pretrained(GGUF)
+    _, model = ours
     tokens = np.asarray([Tokenizer.from_gguf(GGUF).encode(PROMPTS[1])], np.int32)
     with torch.no_grad():
         expected = hf_model(torch.tensor(tokens)).logits.numpy()
@@ -105,13 +111,13 @@ def test_gguf_tokenizer_flamingo_tokens():
     assert tokens[1, 2] == 49152 and tokens[0, 0] == tokenizer.pad_id
 
 
-def test_smollm2_binding_circuit_heads():
+def test_smollm2_binding_circuit_heads(ours):
     """tools.binding's head scan finds the previous-token head 16.0 and the induction heads
     17.3, 17.4 and 18.6 that docs/evaluation.md names as SmolLM2-135M's binding circuit (the
     demo places its first cross-attention block below them, at layer 14)."""
     from flamingo_jax.tools.binding import lm_head_scores
 
-    _, lm = lm_from_pretrained(GGUF)
+    _, lm = ours
     scores = lm_head_scores(lm, sequences=16, cuts=(28, 34))  # the strongest heads need few samples
     induction, previous = np.asarray(scores["induction"]), np.asarray(scores["previous_token"])
     assert induction.shape == previous.shape == (30, 9)

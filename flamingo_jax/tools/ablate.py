@@ -203,16 +203,23 @@ def ablate(
         result = write_table(rows, gin_files, bindings, workdir, primary)
     if seeds == 2:
         primary = result["primary"]
-        base = cells(os.path.join(workdir, BASELINE, "seed0"))[primary]
-        for row in rows:
-            first = os.path.join(workdir, row_name(row), "seed0")
-            if not _finished(first):
-                continue
-            if row == BASELINE or close_to(base, cells(first).get(primary, base)):
-                if train:
-                    run_row(row, 1, gin_files, bindings, workdir)
-                result = write_table(rows, gin_files, bindings, workdir, primary)
+        for row in second_seed_rows(rows, workdir, primary):
+            if train:
+                run_row(row, 1, gin_files, bindings, workdir)
+            result = write_table(rows, gin_files, bindings, workdir, primary)
     return result
+
+
+def second_seed_rows(rows, workdir: str, primary: str) -> list[str]:
+    """The rows that get a second training seed, from their finished first ones: the baseline,
+    and each row whose ``primary`` cell is within two standard errors of the baseline's."""
+    base = cells(os.path.join(workdir, BASELINE, "seed0"))[primary]
+    chosen = []
+    for row in rows:
+        first = os.path.join(workdir, row_name(row), "seed0")
+        if _finished(first) and (row == BASELINE or close_to(base, cells(first).get(primary, base))):
+            chosen.append(row)
+    return chosen
 
 
 def _finished(run_dir: str) -> bool:
