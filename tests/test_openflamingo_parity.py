@@ -288,8 +288,6 @@ def test_converted_checkpoint_evaluates_with_the_openflamingo_protocol(release, 
         f"--openflamingo_endofchunk_token={sources['endofchunk_token_index']}",
         f"--openflamingo_embeddings_key={sources['input_embeddings_key']}",
     ]
-    if sources["output_embeddings_key"]:
-        flags.append(f"--openflamingo_output_embeddings_key={sources['output_embeddings_key']}")
     bindings = [f"--gin_bindings={b}" for b in released.bindings]
     run = lambda *args: subprocess.run(
         [sys.executable, "-m", *args], capture_output=True, text=True, env=one_device_env()

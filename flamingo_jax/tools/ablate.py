@@ -197,15 +197,15 @@ def ablate(
         row_gin(row)  # every row's file exists before anything trains
     if seeds not in (1, 2):
         raise ValueError(f"--seeds must be 1 or 2, got {seeds}")
+    if not train:
+        return write_table(rows, gin_files, bindings, workdir, primary)
     for row in rows:
-        if train:
-            run_row(row, 0, gin_files, bindings, workdir)
+        run_row(row, 0, gin_files, bindings, workdir)
         result = write_table(rows, gin_files, bindings, workdir, primary)
     if seeds == 2:
         primary = result["primary"]
         for row in second_seed_rows(rows, workdir, primary):
-            if train:
-                run_row(row, 1, gin_files, bindings, workdir)
+            run_row(row, 1, gin_files, bindings, workdir)
             result = write_table(rows, gin_files, bindings, workdir, primary)
     return result
 
