@@ -64,6 +64,13 @@ def one_device_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "XLA_FLAGS": " ".join(flags), **extra}
 
 
+def user_env(**extra: str) -> dict[str, str]:
+    """The environment of a run as a user launches it: one CPU device and XLA's default flags
+    (neither the session's fake devices nor its quick compile flags), for the end-to-end runs
+    whose trained model a test judges (the demo, the contrastive stage)."""
+    return {**os.environ, "XLA_FLAGS": "", **extra}
+
+
 @pytest.fixture(scope="session")
 def tiny_config():
     return configs.load_model_config("models/tiny.gin")

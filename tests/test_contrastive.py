@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import subprocess
 import sys
 
@@ -25,6 +24,8 @@ from flamingo_jax.models.vit import ViTConfig
 from flamingo_jax.train.loop import RunConfig, build_training, global_batches
 from flamingo_jax.train.loop import train as train_run
 from flamingo_jax.train.optimizer import OptimizerConfig
+
+from conftest import user_env
 
 TINY = ContrastiveConfig(
     vision=ViTConfig(image_size=16, patch_size=4, width=32, depth=1, num_heads=2, mlp_dim=64, activation="gelu"),
@@ -190,7 +191,7 @@ def test_fashion_mnist_run_lifts_zero_shot_retrieval(tmp_path):
         "--gin.TRAIN_STEPS=150",
         "--gin.EvalConfig.num_queries=500",
     ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=1200, env={**os.environ, "XLA_FLAGS": ""})
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1200, env=user_env())
     assert done.returncode == 0, done.stderr[-3000:]
 
     def evaluated(step):

@@ -15,6 +15,8 @@ import pytest
 
 from flamingo_jax.train.writer import read_metrics
 
+from conftest import user_env
+
 pytestmark = pytest.mark.slow
 
 
@@ -39,7 +41,7 @@ def test_demo_config_end_to_end(tmp_path):
         "--gin.fashion_fewshot/DatasetConfig.options={'shots': 4, 'limit': 400, 'repeat_class': 0.6}",
         "--gin.fashion_pairs/DatasetConfig.options={'limit': 400}",
     ]
-    env = {**os.environ, "FLAMINGO_JAX_DATA": str(tmp_path / "data"), "XLA_FLAGS": ""}
+    env = user_env(FLAMINGO_JAX_DATA=str(tmp_path / "data"))
     result = subprocess.run(command, capture_output=True, text=True, timeout=1500, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     assert os.path.isdir(workdir / "checkpoints" / "3")

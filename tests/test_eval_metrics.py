@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from flamingo_jax.evaluation.metrics import caption_scores, normalize_vqa_answer, roc_auc, vqa_accuracy
+from flamingo_jax.evaluation.metrics import caption_scores, cider_per_item, normalize_vqa_answer, roc_auc, vqa_accuracy
 
 
 @pytest.mark.parametrize(
@@ -49,10 +49,13 @@ def test_cider_by_hand():
     image_2 = 10 * (2 / math.sqrt(6)) / 4 * math.exp(-1 / 72)
     scores = caption_scores(predictions, references)
     assert scores["CIDEr"] == pytest.approx((10 + image_2) / 2, rel=1e-6)
+    assert cider_per_item(predictions, references) == pytest.approx([10, image_2], rel=1e-6)
     perfect = caption_scores({1: "a cat sits on a mat"}, {1: ["a cat sits on a mat"]})
     assert perfect["BLEU-4"] == pytest.approx(1.0, abs=1e-6)
-    with pytest.raises(ValueError, match="differ on ids"):
+    with pytest.raises(ValueError, match="caption_scores: .*differ on ids"):
         caption_scores({1: "x"}, {2: ["y"]})
+    with pytest.raises(ValueError, match="cider_per_item: .*differ on ids"):
+        cider_per_item({1: "x"}, {2: ["y"]})
 
 
 def test_roc_auc_by_hand():

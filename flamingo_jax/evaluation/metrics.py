@@ -122,12 +122,13 @@ def caption_tokens(text: str) -> str:
     return " ".join(_CAPTION_PUNCTUATION.sub(" ", text.lower()).split())
 
 
-def _tokenized(predictions: dict, references: dict) -> tuple[dict, dict]:
+def _tokenized(predictions: dict, references: dict, caller: str) -> tuple[dict, dict]:
     """(references, predictions) as pycocoevalcap's scorers take them, by id in sorted order:
-    {id: [tokenized captions]}, {id: [tokenized prediction]}."""
+    {id: [tokenized captions]}, {id: [tokenized prediction]}; ``caller`` names the metric in the
+    error."""
     missing = set(predictions) ^ set(references)
     if missing:
-        raise ValueError(f"caption_scores: predictions and references differ on ids {sorted(missing)[:5]}")
+        raise ValueError(f"{caller}: predictions and references differ on ids {sorted(missing)[:5]}")
     keys = sorted(predictions)
     gts = {key: [caption_tokens(r) for r in references[key]] for key in keys}
     return gts, {key: [caption_tokens(predictions[key])] for key in keys}
@@ -139,7 +140,7 @@ def caption_scores(predictions: dict, references: dict) -> dict[str, float]:
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
 
-    gts, result = _tokenized(predictions, references)
+    gts, result = _tokenized(predictions, references, "caption_scores")
     cider, _ = Cider().compute_score(gts, result)
     bleu, _ = Bleu(4).compute_score(gts, result, verbose=0)
     return {"CIDEr": float(cider), "BLEU-4": float(bleu[3])}
@@ -150,7 +151,7 @@ def cider_per_item(predictions: dict, references: dict) -> np.ndarray:
     mean is ``caption_scores``' CIDEr, their spread gives its standard error over queries."""
     from pycocoevalcap.cider.cider import Cider
 
-    _, scores = Cider().compute_score(*_tokenized(predictions, references))
+    _, scores = Cider().compute_score(*_tokenized(predictions, references, "cider_per_item"))
     return np.asarray(scores, np.float64)
 
 
