@@ -75,3 +75,37 @@ def test_every_chip_encodes_its_own_images_over_the_tensor_axis_too(tiny_config)
     per_device = sharded.cost_analysis()["flops"]
     single = expected.lower(images).compile().cost_analysis()["flops"]
     assert per_device < 0.2 * single, (per_device, single)  # 3 images of 20 per device, not 5
+
+
+def test_supplied_parameters_replace_their_init_and_leave_the_others_bit_equal(tiny_config):
+    """``init_params(..., supplied=)``, as a run with pretrained weights or ``init_from`` calls it:
+    the supplied arrays come back as given, on their targets' shardings; every other parameter
+    equals the plain init's, bit for bit (its random draws do not depend on which are skipped)."""
+    import numpy as np
+
+    from flamingo_jax.train.params import init_params, param_targets
+
+    mesh = sharding.create_mesh(MeshConfig(data=2, fsdp=4, rules="fsdp"))
+    rules = sharding.RULE_SETS["fsdp"]
+    _, trainable, frozen = init_params(tiny_config, mesh, rules, seed=0)
+    trainable_targets, frozen_targets = param_targets(tiny_config, mesh, rules)
+    assert {k: (t.shape, t.dtype, t.sharding) for k, t in frozen_targets.items()} == {
+        k: (v.shape, v.dtype, v.sharding) for k, v in frozen.items()
+    }
+    # Every frozen LM weight and one trainable weight supplied, as loaded files would be.
+    chosen = [key for key in frozen_targets if key.startswith("lm/")] + [next(iter(trainable_targets))]
+    assert len(chosen) > 5
+    targets = {**trainable_targets, **frozen_targets}
+    supplied = {
+        key: jax.device_put(np.full(targets[key].shape, 0.5, targets[key].dtype), targets[key].sharding)
+        for key in chosen
+    }
+    _, trainable2, frozen2 = init_params(tiny_config, mesh, rules, seed=0, supplied=supplied)
+    assert list(trainable2) == list(trainable) and list(frozen2) == list(frozen)
+    for key, value in {**trainable2, **frozen2}.items():
+        if key in supplied:
+            assert value is supplied[key], key
+        else:
+            plain = {**trainable, **frozen}[key]
+            assert value.sharding == plain.sharding, key
+            np.testing.assert_array_equal(np.asarray(value), np.asarray(plain), err_msg=key)

@@ -21,7 +21,7 @@ from flamingo_jax.models.flamingo import Flamingo, FlamingoConfig
 from flamingo_jax.models.kinds import abstract_model
 from flamingo_jax.models.layers import CountingRngs
 from flamingo_jax.models.llama import LlamaConfig, LlamaLM
-from flamingo_jax.tokenizer import Tokenizer
+from flamingo_jax.tokenizer import load_tokenizer
 
 
 def lm_from_pretrained(path: str, **config_overrides) -> tuple[LlamaConfig, LlamaLM]:
@@ -142,7 +142,7 @@ def _keep_vocab_rows(lm_params: dict[str, np.ndarray], rows: int) -> dict[str, n
 
 def _eos_id(lm: str) -> int | None:
     if lm.endswith(".gguf"):
-        return Tokenizer.from_gguf(lm).eos_id
+        return load_tokenizer(f"gguf:{lm}").eos_id  # read once per process, as the run's tokenizer
     config_path = os.path.join(lm, "config.json")
     if os.path.isfile(config_path):
         with open(config_path) as f:

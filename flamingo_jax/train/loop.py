@@ -1,7 +1,7 @@
 """The training run: ``RunConfig``, then one loop from the (resumed) step to the end.
 
-Reads top to bottom: build the mesh, the sharded parameters (seeded, then ``init_from`` and
-pretrained weights) and the jitted step; open the data mixture and the checkpointer; resume if a
+Reads top to bottom: build the mesh, the sharded parameters (``init_from`` and pretrained
+weights, the rest seeded) and the jitted step; open the data mixture and the checkpointer; resume if a
 checkpoint exists; step, log, checkpoint, and stop cleanly on preemption.
 """
 
@@ -26,7 +26,7 @@ from flamingo_jax.models.flamingo import FlamingoConfig
 from flamingo_jax.models.kinds import kind_of
 from flamingo_jax.tokenizer import load_tokenizer
 from flamingo_jax.train.optimizer import OptimizerConfig, make_optimizer
-from flamingo_jax.train.params import FlatParams, init_params
+from flamingo_jax.train.params import FlatParams, init_params, param_targets
 from flamingo_jax.train.step import TrainState, jit_train_step, train_state_shardings
 from flamingo_jax.train.writer import MetricsWriter
 
@@ -125,36 +125,39 @@ class Training:
         )
 
 
-def _overwrite(params: FlatParams, loaded: dict, place) -> FlatParams:
-    """``params`` with the entries present in ``loaded`` replaced by ``place(key, old value)``."""
-    return {key: place(key, value) if key in loaded else value for key, value in params.items()}
+def _loaded_params(config: RunConfig, targets: dict) -> FlatParams:
+    """The parameters that ``config.init_from`` and ``config.pretrained`` supply, each placed onto
+    its target (``params.param_targets``); a pretrained file wins where both have a key."""
+    loaded = {}
+    if config.init_from:
+        restored = checkpointing.load_params(
+            config.init_from, {key: target.sharding for key, target in targets.items()}, targets, config.model
+        )
+        loaded.update({key: value.astype(targets[key].dtype) for key, value in restored.items()})
+        log.info("init_from %s: loaded %d parameter arrays", config.init_from, len(restored))
+    if config.pretrained:
+        files = pretrained_params(config.model, **config.pretrained)
+        for key, value in files.items():
+            if key not in targets:
+                continue
+            # Every process read the files: each fills only its own shards.
+            array = np.asarray(value).astype(targets[key].dtype)
+            target = targets[key]
+            loaded[key] = jax.make_array_from_callback(target.shape, target.sharding, lambda index, a=array: a[index])
+        log.info("pretrained %s: loaded %d parameter arrays", config.pretrained, len(files))
+    return loaded
 
 
 def build_training(config: RunConfig, mesh) -> Training:
     """Initialises (sharded) parameters and optimizer state and jits the step for ``mesh``."""
     rules = sharding.RULE_SETS[config.mesh.rules]
     _check_batch_divisibility(config, mesh)
+    supplied = {}
+    if config.init_from or config.pretrained:
+        trainable_targets, frozen_targets = param_targets(config.model, mesh, rules)
+        supplied = _loaded_params(config, {**trainable_targets, **frozen_targets})
     with sharding.activation_sharding(mesh, rules):
-        graphdef, trainable, frozen = init_params(config.model, mesh, rules, config.seed)
-    if config.init_from:
-        every = {**trainable, **frozen}
-        shapes = {key: jax.ShapeDtypeStruct(value.shape, value.dtype) for key, value in every.items()}
-        loaded = checkpointing.load_params(
-            config.init_from, {k: v.sharding for k, v in every.items()}, shapes, config.model
-        )
-        place = lambda key, value: loaded[key].astype(value.dtype)
-        trainable, frozen = _overwrite(trainable, loaded, place), _overwrite(frozen, loaded, place)
-        log.info("init_from %s: loaded %d parameter arrays", config.init_from, len(loaded))
-    if config.pretrained:
-        loaded = pretrained_params(config.model, **config.pretrained)
-
-        def place(key, value):  # every process read the files: each fills only its own shards
-            array = np.asarray(loaded[key]).astype(value.dtype)
-            return jax.make_array_from_callback(value.shape, value.sharding, lambda index: array[index])
-
-        trainable, frozen = _overwrite(trainable, loaded, place), _overwrite(frozen, loaded, place)
-        log.info("pretrained %s: loaded %d parameter arrays", config.pretrained, len(loaded))
-
+        graphdef, trainable, frozen = init_params(config.model, mesh, rules, config.seed, supplied)
     tx = make_optimizer(config.optimizer)
     state_shardings = train_state_shardings(tx, trainable, mesh)
     opt_state = jax.jit(tx.init, out_shardings=state_shardings.opt_state)(trainable)

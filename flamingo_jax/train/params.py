@@ -53,18 +53,51 @@ def flat_shardings(named: dict[str, tuple], mesh, rules) -> dict[str, jax.shardi
     }
 
 
-def init_params(config, mesh, rules, seed: int) -> tuple[nnx.GraphDef, FlatParams, FlatParams]:
-    """Sharded initialisation under jit: every device creates only its own shards."""
+def param_targets(config, mesh, rules) -> tuple[dict, dict]:
+    """Every (trainable, frozen) parameter as a ``jax.ShapeDtypeStruct`` with its sharding on
+    ``mesh``, nothing created: what loaded weights are placed onto."""
+
+    def targets(named):
+        shardings = flat_shardings(named, mesh, rules)
+        return {
+            key: jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=shardings[key])
+            for key, (_, value) in named.items()
+        }
+
     trainable_names, frozen_names = logical_names(config)
-    out_shardings = (flat_shardings(trainable_names, mesh, rules), flat_shardings(frozen_names, mesh, rules))
+    return targets(trainable_names), targets(frozen_names)
+
+
+def init_params(
+    config, mesh, rules, seed: int, supplied: FlatParams | None = None
+) -> tuple[nnx.GraphDef, FlatParams, FlatParams]:
+    """Sharded initialisation under jit: every device creates only its own shards.
+
+    ``supplied``: arrays for some of the parameters (pretrained weights, a checkpoint's), placed
+    as their targets are (:func:`param_targets`); they take the place of those parameters'
+    random values, which are then never computed (for a pretrained LM, most of the init's time,
+    compile and memory). The other parameters come out as without it, bit for bit.
+    """
+    supplied = supplied or {}
+    trainable_names, frozen_names = logical_names(config)
+    out_shardings = tuple(
+        {key: target for key, target in flat_shardings(named, mesh, rules).items() if key not in supplied}
+        for named in (trainable_names, frozen_names)
+    )
 
     def create():
         model = kind_of(config).module(config, rngs=CountingRngs(seed))
-        _, trainable, frozen = nnx.split(model, trainable_filter(config), ...)
-        return flatten_state(trainable), flatten_state(frozen)
+        _, *parts = nnx.split(model, trainable_filter(config), ...)
+        return tuple(
+            {key: value for key, value in flatten_state(part).items() if key not in supplied} for part in parts
+        )
 
     with nnx.use_eager_sharding(False):
-        trainable, frozen = jax.jit(create, out_shardings=out_shardings)()
+        created = jax.jit(create, out_shardings=out_shardings)()
+    trainable, frozen = (
+        {key: supplied[key] if key in supplied else part[key] for key in named}
+        for part, named in zip(created, (trainable_names, frozen_names), strict=True)
+    )
     return model_graphdef(config), trainable, frozen
 
 
