@@ -32,8 +32,8 @@ QUICK_COMPILE_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusi
 def quick_compile(markexpr: str) -> bool:
     """Whether a run selected by ``-m markexpr`` compiles with ``QUICK_COMPILE_FLAGS``: every run
     that selects by marker, as ``.ci/run`` and the README's command do. A run without ``-m`` keeps
-    XLA's defaults, as a user's program does. The tests whose run time counts (the demo, the
-    contrastive Fashion-MNIST run) start their runs in a process of their own with XLA's defaults;
+    XLA's defaults, as a user's program does. The test whose trained model counts (the
+    contrastive Fashion-MNIST run) starts its run in a process of its own with XLA's defaults;
     tests/test_real_weights.py (the real SmolLM2 weights, in this process) took 63 s with these
     flags and 61 s with XLA's defaults (2026-12-04, AMD EPYC, 481 GFLOP/s)."""
     return bool(markexpr)
@@ -67,7 +67,7 @@ def one_device_env(**extra: str) -> dict[str, str]:
 def user_env(**extra: str) -> dict[str, str]:
     """The environment of a run as a user launches it: one CPU device and XLA's default flags
     (neither the session's fake devices nor its quick compile flags), for the end-to-end runs
-    whose trained model a test judges (the demo, the contrastive stage)."""
+    whose trained model a test judges (the contrastive stage)."""
     return {**os.environ, "XLA_FLAGS": "", **extra}
 
 
