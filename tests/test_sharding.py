@@ -102,10 +102,11 @@ def test_supplied_parameters_replace_their_init_and_leave_the_others_bit_equal(t
     }
     _, trainable2, frozen2 = init_params(tiny_config, mesh, rules, seed=0, supplied=supplied)
     assert list(trainable2) == list(trainable) and list(frozen2) == list(frozen)
+    plain_init = {**trainable, **frozen}
     for key, value in {**trainable2, **frozen2}.items():
         if key in supplied:
             assert value is supplied[key], key
         else:
-            plain = {**trainable, **frozen}[key]
+            plain = plain_init[key]
             assert value.sharding == plain.sharding, key
             np.testing.assert_array_equal(np.asarray(value), np.asarray(plain), err_msg=key)

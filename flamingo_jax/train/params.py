@@ -79,10 +79,9 @@ def init_params(
     compile and memory). The other parameters come out as without it, bit for bit.
     """
     supplied = supplied or {}
-    trainable_names, frozen_names = logical_names(config)
+    targets = param_targets(config, mesh, rules)
     out_shardings = tuple(
-        {key: target for key, target in flat_shardings(named, mesh, rules).items() if key not in supplied}
-        for named in (trainable_names, frozen_names)
+        {key: target.sharding for key, target in part.items() if key not in supplied} for part in targets
     )
 
     def create():
@@ -96,7 +95,7 @@ def init_params(
         created = jax.jit(create, out_shardings=out_shardings)()
     trainable, frozen = (
         {key: supplied[key] if key in supplied else part[key] for key in named}
-        for part, named in zip(created, (trainable_names, frozen_names), strict=True)
+        for part, named in zip(created, targets, strict=True)
     )
     return model_graphdef(config), trainable, frozen
 
